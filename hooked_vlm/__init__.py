@@ -1,0 +1,11 @@
+"""hooked_vlm: vision-language models (BLIP, LLaVA-1.5, InstructBLIP) with a named hook point on every residual
+stream, attention pattern and head, numerically equal to transformers."""
+
+from .cache import ActivationCache
+from .hooks import HookedRootModule, HookPoint
+from .models import HookedBlipCaptioning, HookedBlipITM, HookedBlipVQA, HookedVLM
+from .positions import ImageSpan, Positions
+
+__all__ = ["ActivationCache", "HookedRootModule", "HookPoint", "HookedVLM", "HookedBlipCaptioning",
+           "HookedBlipITM", "HookedBlipVQA", "ImageSpan", "Positions"]
+__version__ = "0.1.0"

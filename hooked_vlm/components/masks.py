@@ -1,0 +1,30 @@
+"""Additive attention masks, built once per tower forward and shared by its blocks.
+
+Masked entries hold the dtype's most negative finite value, as HF's eager attention does (a fully masked row then
+becomes uniform instead of NaN). Pad positions are never meaningful outputs; compare only real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def padding_mask(attention_mask: Int[Tensor, "B S"], dtype: torch.dtype) -> Float[Tensor, "B 1 1 S"]:
+    """Bidirectional attention: every query may attend to every non-pad key."""
+    return _additive(attention_mask[:, None, None, :].bool(), dtype)
+
+
+def causal_mask(attention_mask: Int[Tensor, "B S"], n_queries: int, dtype: torch.dtype) -> Float[Tensor, "B 1 T S"]:
+    """Causal attention for the last `n_queries` positions of a sequence of S keys (S - T of them from earlier
+    generation steps): query i may attend to non-pad keys at or before its own position."""
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(S - n_queries, S, device=attention_mask.device)
+    k_pos = torch.arange(S, device=attention_mask.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return _additive(allowed, dtype)

@@ -1,0 +1,74 @@
+"""Normalisation layers: LayerNorm (BERT, ViT, CLIP) and RMSNorm (Llama, T5), each with `hook_scale` and
+`hook_normalized`.
+
+`hook_scale` [B, T, 1] is the divisor (the standard deviation, or the root mean square, with eps);
+`hook_normalized` [B, T, D] is the layer's output, weight and bias applied: what the next sub-layer reads.
+The fused kernel runs unless `hook_scale` is hooked; then the division is spelled out so an edit flows on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from ..hooks import HookPoint
+
+
+@dataclass
+class NormConfig:
+    kind: Literal["layer", "rms"] = "layer"
+    eps: float = 1e-5
+    bias: bool = True  # LayerNorm only
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model)) if bias else None
+        self.hook_scale = HookPoint()  # [B, T, 1]
+        self.hook_normalized = HookPoint()  # [B, T, D]
+
+    def forward(self, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+        if self.hook_scale.has_hooks:
+            x = x - x.mean(-1, keepdim=True)
+            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            out = x / scale * self.w
+            out = out + self.b if self.b is not None else out
+        else:
+            out = F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
+        return self.hook_normalized(out)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 and cast back, as HF's LlamaRMSNorm and T5LayerNorm do."""
+
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.hook_scale = HookPoint()  # [B, T, 1], float32
+        self.hook_normalized = HookPoint()  # [B, T, D]
+
+    def forward(self, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+        x32 = x.float()
+        mean_square = x32.pow(2).mean(-1, keepdim=True)
+        if self.hook_scale.has_hooks:
+            x32 = x32 / self.hook_scale((mean_square + self.eps).sqrt())
+        else:
+            x32 = x32 * torch.rsqrt(mean_square + self.eps)
+        return self.hook_normalized(self.w * x32.to(x.dtype))
+
+
+def make_norm(d_model: int, cfg: NormConfig) -> LayerNorm | RMSNorm:
+    if cfg.kind == "layer":
+        return LayerNorm(d_model, cfg.eps, cfg.bias)
+    if cfg.kind == "rms":
+        return RMSNorm(d_model, cfg.eps)
+    raise ValueError(f"unknown norm kind {cfg.kind!r}; expected 'layer' or 'rms'")

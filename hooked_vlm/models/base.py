@@ -1,0 +1,153 @@
+"""`HookedVLM`: the root class of every hooked model, and its loaders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..components import Attention, Block
+from ..hooks import HookedRootModule, HookSpec
+from ..positions import Positions
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """What the cache and the analyses need to know of a tower, without reaching into it."""
+
+    name: str
+    n_layers: int
+    layout: str  # "pre" or "post"
+    n_heads: int
+    has_cross_attn: tuple[bool, ...]  # per layer
+
+
+class HookedVLM(HookedRootModule):
+    """A vision-language model whose every residual stream, attention pattern and head is a named hook point.
+
+    Load one with `HookedVLM.from_pretrained(name_or_path)` or `HookedVLM.from_hf(hf_model)`; call it with the HF
+    processor's output as keyword arguments. Subclasses define the towers and `forward`.
+    """
+
+    tower_names: tuple[str, ...] = ()
+    processor: Any = None
+    last_positions: Positions | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, *, processor: Any = None, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, share_weights: bool = False, **options: Any) -> "HookedVLM":
+        """Convert a live transformers model (from its `state_dict()`).
+
+        The hooked model gets its own copy of the weights, unless `share_weights=True` lets it keep views of the
+        HF tensors where no reshaping was needed (saves memory; then editing one model edits the other).
+        `options` are model switches (for BLIP: `mask_cross_attention`).
+        """
+        from weights_conversion import converter_for
+
+        converter = converter_for(hf_model)
+        cfg = converter.config(hf_model.config, **options)
+        with torch.device("meta"):
+            model = converter.model_class(cfg)
+        state = converter.convert(hf_model.state_dict(), cfg)
+        if not share_weights:
+            hf_storage = {t.untyped_storage().data_ptr() for t in hf_model.state_dict().values()}
+            state = {k: t.clone() if t.untyped_storage().data_ptr() in hf_storage else t for k, t in state.items()}
+        load_converted(model, state, source=type(hf_model).__name__)
+        model.processor = processor
+        return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, **options: Any) -> "HookedVLM":
+        """Load a hub id or a local directory through transformers, convert it and attach its processor as
+        `model.processor`. Works offline when the files are in the local HF cache."""
+        import transformers
+
+        def load(local_only: bool):
+            config = transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
+            arch = (config.architectures or [None])[0]
+            hf_cls = getattr(transformers, arch, None) if arch else None
+            if hf_cls is None:
+                raise ValueError(f"{name_or_path}: config names no known transformers architecture ({arch!r})")
+            hf_model = hf_cls.from_pretrained(name_or_path, local_files_only=local_only, dtype=dtype or "auto")
+            processor = transformers.AutoProcessor.from_pretrained(name_or_path, local_files_only=local_only)
+            return hf_model, processor
+
+        try:
+            hf_model, processor = load(local_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+        except OSError:
+            # no network: fall back to the local cache before giving up
+            hf_model, processor = load(local_only=True)
+        model = cls.from_hf(hf_model.eval(), processor=processor, device=device, dtype=dtype, share_weights=True,
+                            **options)
+        del hf_model
+        return model
+
+    # ------------------------------------------------------------------ introspection
+    def tower(self, name: str) -> nn.Module:
+        if name not in self.tower_names:
+            raise KeyError(f"this model has no tower {name!r}; its towers are {', '.join(self.tower_names)}")
+        return getattr(self, name)
+
+    def tower_info(self, name: str) -> TowerInfo:
+        blocks = [b for b in getattr(self.tower(name), "blocks", []) if isinstance(b, Block)]
+        if not blocks:
+            raise ValueError(f"tower {name!r} has no transformer blocks")
+        return TowerInfo(name, len(blocks), blocks[0].cfg.layout, blocks[0].cfg.attn.n_heads,
+                         tuple(b.cfg.cross_attn is not None for b in blocks))
+
+    def set_fast_attention(self, enabled: bool) -> None:
+        """Use `scaled_dot_product_attention` where no hook needs the pattern (default), or always the explicit
+        path (scores, softmax, value mix spelled out)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.use_fast_path = enabled
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, *, max_new_tokens: int = 20, do_sample: bool = False, fwd_hooks: Iterable[HookSpec] = (),
+                 **inputs: Any) -> torch.Tensor:
+        """Greedy generation with a KV cache; `fwd_hooks` are active at every step (the prompt's forward and each
+        new token's). Inputs are never modified."""
+        if do_sample:
+            raise ValueError("hooked_vlm generates greedily: pass do_sample=False (sampling is not supported)")
+        with self.hooks(fwd_hooks):
+            return self._generate(max_new_tokens=max_new_tokens, **inputs)
+
+    def _generate(self, *, max_new_tokens: int, **inputs: Any) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} does not generate text")
+
+
+def load_converted(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load converted weights into a model built on the meta device, checking every name and shape first.
+
+    Nothing is ever left uninitialised: a missing, unexpected or mis-shaped tensor is an error naming it.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: converted {tuple(state[k].shape)}, model expects {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    if wrong:
+        problems.append(f"mis-shaped {wrong}")
+    if problems:
+        raise ValueError(f"converting {source}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,80 @@
+"""Where things are in a model's input sequence, per example, so that no analysis hard-codes an offset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+@dataclass
+class ImageSpan:
+    """The tokens of one image in a sequence: `start` to `stop` (exclusive); token i of the span shows patch
+    (`rows[i]`, `cols[i]`) of the image's patch grid (-1 for tokens that are not a patch, such as a class token)."""
+
+    start: int
+    stop: int
+    rows: Tensor
+    cols: Tensor
+
+    @property
+    def indices(self) -> Tensor:
+        return torch.arange(self.start, self.stop)
+
+    def patches(self, rows: range | list[int], cols: range | list[int]) -> Tensor:
+        """Sequence positions of the tokens showing the given patch rows and columns."""
+        keep = torch.isin(self.rows, torch.as_tensor(list(rows))) & torch.isin(self.cols, torch.as_tensor(list(cols)))
+        return self.indices[keep]
+
+
+@dataclass
+class Positions:
+    """Positions in the token sequence of a model's prompt (BLIP: the text the text tower reads; LLaVA and
+    InstructBLIP: the language model's input), per example.
+
+    `attention_mask` marks real tokens; `image[b]` lists the image spans of example b (empty for BLIP, whose image
+    enters by cross-attention).
+    """
+
+    input_ids: Int[Tensor, "B T"]
+    attention_mask: Int[Tensor, "B T"]
+    image: list[list[ImageSpan]] = field(default_factory=list)
+
+    @property
+    def last(self) -> Int[Tensor, "B"]:
+        """Index of the last real (non-pad) token of each example."""
+        T = self.attention_mask.shape[1]
+        idx = torch.arange(T, device=self.attention_mask.device).expand_as(self.attention_mask)
+        return torch.where(self.attention_mask.bool(), idx, -1).max(dim=1).values
+
+    @property
+    def text(self) -> list[Tensor]:
+        """Per example, the positions of real tokens that are not image tokens."""
+        out = []
+        for b in range(self.attention_mask.shape[0]):
+            keep = self.attention_mask[b].bool().clone()
+            for span in self.image[b] if self.image else []:
+                keep[span.start:span.stop] = False
+            out.append(torch.nonzero(keep).flatten())
+        return out
+
+    def find(self, tokenizer, phrase: str, example: int = 0, occurrence: int = 0) -> Tensor:
+        """Positions of the tokens of `phrase` in example `example`'s prompt (its `occurrence`-th match).
+
+        The phrase is tokenized as it would be inside a sentence (with a leading space), then matched token by
+        token; an error lists the prompt's tokens if it is not there.
+        """
+        ids = self.input_ids[example].tolist()
+        tried = []
+        for variant in (" " + phrase.strip(), phrase.strip()):
+            target = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            tried.append(target)
+            matches = [i for i in range(len(ids) - len(target) + 1) if target and ids[i:i + len(target)] == target]
+            if len(matches) > occurrence:
+                start = matches[occurrence]
+                return torch.arange(start, start + len(target))
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"{phrase!r} (token ids {tried}) does not occur {occurrence + 1} time(s) in example "
+                         f"{example}, whose tokens are {tokens}")

@@ -1,0 +1,85 @@
+"""Vision transformer tower: BLIP's and InstructBLIP's EVA ViT, and CLIP (LLaVA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from ..components import Block, BlockConfig, NormConfig, PatchEmbed, make_norm
+from ..hooks import HookPoint
+
+
+@dataclass
+class VisionConfig:
+    image_size: int
+    patch_size: int
+    n_layers: int
+    block: BlockConfig
+    patch_bias: bool = True  # BLIP/EVA: yes; CLIP: no
+    ln_pre: bool = False  # CLIP normalises the embeddings before block 0
+    ln_post: bool = True  # BLIP/EVA: the tower's output is normalised (all tokens); LLaVA reads a block's output
+
+    @property
+    def d_model(self) -> int:
+        return self.block.d_model
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid**2 + 1
+
+
+class VisionTower(nn.Module):
+    """Patch embeddings with a class token in front, absolute positions, pre-LN blocks.
+
+    Token 0 is the class token; token 1 + r * grid + c is the patch at row r, column c.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.patch_embed = PatchEmbed(D, cfg.patch_size, cfg.patch_bias)
+        self.class_embed = nn.Parameter(torch.empty(D))
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_tokens, D))
+        self.hook_embed = HookPoint()  # [B, 1 + N, D]: class token and patch embeddings
+        self.hook_pos_embed = HookPoint()  # [B, 1 + N, D]
+        if cfg.ln_pre:
+            self.ln_pre = make_norm(D, cfg.block.norm)
+        self.blocks = nn.ModuleList([Block(cfg.block) for _ in range(cfg.n_layers)])
+        if cfg.ln_post:
+            self.ln_post = make_norm(D, cfg.block.norm)
+
+    def check_pixels(self, pixel_values: Tensor | None) -> Tensor:
+        size = self.cfg.image_size
+        if pixel_values is None:
+            raise ValueError("pixel_values is missing: this model needs an image; pass the processor's output, e.g. "
+                             "model(**model.processor(images=image, text=text, return_tensors='pt'))")
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, 3, {size}, {size}]; "
+                             "preprocess images with model.processor so they are resized to the model's image size")
+        return pixel_values
+
+    def forward(self, pixel_values: Float[Tensor, "B 3 H W"], stop_at_layer: int | None = None
+                ) -> Float[Tensor, "B T D"]:
+        """Returns the output of the last block run (`stop_at_layer` blocks if given), normalised by `ln_post` when
+        the tower has it and runs to the end."""
+        pixel_values = self.check_pixels(pixel_values)
+        patches = self.patch_embed(pixel_values)
+        cls = self.class_embed.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        x = self.hook_embed(torch.cat([cls, patches], dim=1))
+        x = x + self.hook_pos_embed(self.W_pos.to(x.dtype).expand(x.shape[0], -1, -1))
+        if self.cfg.ln_pre:
+            x = self.ln_pre(x)
+        n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for block in self.blocks[:n_run]:
+            x = block(x)
+        if self.cfg.ln_post and n_run == self.cfg.n_layers:
+            x = self.ln_post(x)
+        return x
