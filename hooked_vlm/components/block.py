@@ -62,10 +62,13 @@ class Block(nn.Module):
         if not self.pre_norm:
             setattr(self, attn_norm, make_norm(D, cfg.norm))
         self.hook_resid_mid = HookPoint()  # [B, T, D]
-        if cfg.cross_attn is not None:
-            self.ln_cross = make_norm(D, cfg.norm)
+        if cfg.cross_attn is not None:  # registration order = execution order = hook_dict order
+            if self.pre_norm:
+                self.ln_cross = make_norm(D, cfg.norm)
             self.cross_attn = Attention(D, cfg.cross_attn)
             self.hook_cross_attn_out = HookPoint()  # [B, T, D]
+            if not self.pre_norm:
+                self.ln_cross = make_norm(D, cfg.norm)
             self.hook_resid_mid_cross = HookPoint()  # [B, T, D]
         if self.pre_norm:
             setattr(self, mlp_norm, make_norm(D, cfg.norm))

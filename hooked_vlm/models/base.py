@@ -63,26 +63,39 @@ class HookedVLM(HookedRootModule):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, **options: Any) -> "HookedVLM":
+                        dtype: torch.dtype | None = None, local_files_only: bool = False,
+                        cache_dir: str | os.PathLike | None = None, revision: str | None = None,
+                        **options: Any) -> "HookedVLM":
         """Load a hub id or a local directory through transformers, convert it and attach its processor as
-        `model.processor`. Works offline when the files are in the local HF cache."""
+        `model.processor`.
+
+        Without network the files come from the local HF cache (`local_files_only=True` goes there directly and
+        skips the hub's retries). `options` are model switches, as in `from_hf`.
+        """
         import transformers
 
         def load(local_only: bool):
-            config = transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
+            kw = {"local_files_only": local_only, "cache_dir": cache_dir, "revision": revision}
+            config = transformers.AutoConfig.from_pretrained(name_or_path, **kw)
             arch = (config.architectures or [None])[0]
             hf_cls = getattr(transformers, arch, None) if arch else None
             if hf_cls is None:
-                raise ValueError(f"{name_or_path}: config names no known transformers architecture ({arch!r})")
-            hf_model = hf_cls.from_pretrained(name_or_path, local_files_only=local_only, dtype=dtype or "auto")
-            processor = transformers.AutoProcessor.from_pretrained(name_or_path, local_files_only=local_only)
+                raise ValueError(f"{name_or_path}: its config names no transformers architecture this version knows "
+                                 f"({arch!r})")
+            from weights_conversion import converter_for
+
+            converter_for(arch)  # fail before loading gigabytes of an unsupported model
+            hf_model = hf_cls.from_pretrained(name_or_path, dtype=dtype or "auto", **kw)
+            processor = transformers.AutoProcessor.from_pretrained(name_or_path, **kw)
             return hf_model, processor
 
+        local_only = local_files_only or os.path.isdir(name_or_path) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         try:
-            hf_model, processor = load(local_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+            hf_model, processor = load(local_only)
         except OSError:
-            # no network: fall back to the local cache before giving up
-            hf_model, processor = load(local_only=True)
+            if local_only:
+                raise
+            hf_model, processor = load(local_only=True)  # no network: the local cache may still have it
         model = cls.from_hf(hf_model.eval(), processor=processor, device=device, dtype=dtype, share_weights=True,
                             **options)
         del hf_model

@@ -1,0 +1,217 @@
+"""Hook core: names, lifecycle, editing semantics, errors; on the tiny BLIP models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.tiny import build_blip, random_image
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    hf, processor = build_blip("vqa", seed=1)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=[random_image(seed=0), random_image(seed=1)], text=["what color is the car", "how many"],
+                       padding=True, return_tensors="pt")
+    # an answer of three tokens: with [DEC] alone the decoder's self-attention pattern would be 1 whatever q and k
+    inputs["decoder_input_ids"] = torch.tensor([[model.cfg.bos_token_id, 7, 9]] * 2)
+    return model, inputs
+
+
+@pytest.mark.parametrize("kind", ["caption", "vqa", "itm"])
+def test_hook_names_are_pinned(kind):
+    """The ordered list of hook names is a public API: a change must be deliberate (update tests/golden)."""
+    model = HookedVLM.from_hf(build_blip(kind)[0])
+    expected = (GOLDEN / f"blip_{kind}_hook_names.txt").read_text().split()
+    assert list(model.hook_dict) == expected
+
+
+def test_hook_names_follow_execution_order(vqa):
+    model, inputs = vqa
+    fired = []
+    with model.hooks([(lambda n: True, lambda t, hook: fired.append(hook.name))]):
+        with torch.no_grad():
+            model(**inputs)
+    assert fired == list(model.hook_dict)  # every hook point fires, once, in registration order
+
+
+def test_every_hook_point_can_edit(vqa):
+    """Zero-ablating any single hook point changes the output (scales: doubling, since zero divides by zero)."""
+    model, inputs = vqa
+    with torch.no_grad():
+        clean = model(**inputs)
+        inert = []
+        for name in model.hook_dict:
+            edit = (lambda t, hook: t * 2) if name.endswith("hook_scale") else (lambda t, hook: torch.zeros_like(t))
+            out = model.run_with_hooks(**inputs, fwd_hooks=[(name, edit)])
+            if torch.allclose(out, clean):
+                inert.append(name)
+    assert not inert, f"editing these hook points does not change the output: {inert}"
+
+
+def test_returned_tensor_replaces_activation(vqa):
+    model, inputs = vqa
+    name = "text_encoder.blocks.1.hook_resid_post"
+    captured = {}
+    with torch.no_grad():
+        model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda t, hook: t + 1.0),
+                                                  (name, lambda t, hook: captured.setdefault("x", t))])
+        _, cache = model.run_with_cache(**inputs, names_filter=name)
+    torch.testing.assert_close(captured["x"], cache[name] + 1.0)
+
+
+def test_hooks_are_removed_after_run_and_on_exception(vqa):
+    model, inputs = vqa
+    name = "vision.blocks.0.attn.hook_pattern"
+    model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda t, hook: None)])
+    assert not any(p.has_hooks for p in model.hook_dict.values())
+
+    def boom(t, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(**inputs, fwd_hooks=[(name, boom)])
+    assert not any(p.has_hooks for p in model.hook_dict.values())
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks([(name, boom)]):
+            model(**inputs)
+    assert not any(p.has_hooks for p in model.hook_dict.values())
+
+
+def test_nested_contexts_remove_only_their_own_hooks(vqa):
+    model, _ = vqa
+    a, b = "vision.hook_embed", "text_encoder.hook_embed"
+    permanent = model.add_hook(a, lambda t, hook: None, is_permanent=True)
+    try:
+        with model.hooks([(a, lambda t, hook: None)]):
+            with model.hooks([(a, lambda t, hook: None), (b, lambda t, hook: None)]):
+                assert len(model.hook_dict[a].fwd_hooks) == 3
+            assert len(model.hook_dict[a].fwd_hooks) == 2 and not model.hook_dict[b].has_hooks
+        assert model.hook_dict[a].fwd_hooks == permanent
+        model.reset_hooks()
+        assert model.hook_dict[a].fwd_hooks == permanent  # reset keeps permanent hooks unless asked
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert not model.hook_dict[a].has_hooks
+
+
+def test_reset_hooks_end_false_keeps_hooks(vqa):
+    model, inputs = vqa
+    calls = []
+    model.run_with_hooks(**inputs, fwd_hooks=[("vision.hook_embed", lambda t, hook: calls.append(1))],
+                         reset_hooks_end=False)
+    model(**inputs)
+    assert len(calls) == 2
+    model.reset_hooks()
+    model(**inputs)
+    assert len(calls) == 2
+
+
+def test_backward_hooks_and_gradient_cache(vqa):
+    model, inputs = vqa
+    name = "text_encoder.blocks.0.hook_resid_post"
+    grads = []
+    logits = model.run_with_hooks(**inputs, bwd_hooks=[(name, lambda g, hook: grads.append(g.clone()))])
+    assert not model.hook_dict[name].has_hooks  # bound to this forward's tensors, not left attached
+    logits[:, -1, 5].sum().backward()
+    assert len(grads) == 1 and grads[0].shape == (2, inputs["input_ids"].shape[1], 64) and grads[0].abs().sum() > 0
+
+    logits, cache = model.run_with_cache(**inputs, names_filter=name, incl_bwd=True)
+    logits[:, -1, 5].sum().backward()
+    torch.testing.assert_close(cache[name + "_grad"], grads[0])
+    model.zero_grad(set_to_none=True)
+
+
+def test_backward_hook_can_replace_gradient(vqa):
+    model, inputs = vqa
+    pv = inputs["pixel_values"].clone().requires_grad_(True)
+    kwargs = {**inputs, "pixel_values": pv}
+    model.run_with_hooks(**kwargs, bwd_hooks=[("vision.hook_embed", lambda g, hook: torch.zeros_like(g))]
+                         )[:, -1].sum().backward()
+    assert pv.grad is not None and pv.grad.abs().sum() == 0  # the only path to the pixels is through the embeddings
+    model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_unknown_hook_name_lists_closest(vqa):
+    model, inputs = vqa
+    with pytest.raises(KeyError, match=re.escape("text_encoder.blocks.0.attn.hook_pattern")):
+        model.run_with_hooks(**inputs, fwd_hooks=[("text_encoder.blocks.0.attn.hook_patern", lambda t, hook: None)])
+
+
+def test_names_filter_matching_nothing_is_an_error(vqa):
+    model, inputs = vqa
+    with pytest.raises(ValueError, match="matched no hook point"):
+        model.run_with_cache(**inputs, names_filter=lambda n: n.endswith("hook_nothing"))
+    with pytest.raises(KeyError, match="no hook point named"):
+        model.run_with_cache(**inputs, names_filter=["vision.hook_embedd"])
+
+
+def test_hook_returning_wrong_shape_or_dtype_names_both(vqa):
+    model, inputs = vqa
+    name = "text_encoder.blocks.0.hook_attn_out"
+    with pytest.raises(ValueError, match=re.escape(name) + r".*shape \(2, \d+, 63\).*shape \(2, \d+, 64\)"):
+        model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda t, hook: t[..., :63])])
+    with pytest.raises(ValueError, match="float64"):
+        model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda t, hook: t.double())])
+    assert not model.hook_dict[name].has_hooks
+
+
+def test_bad_inputs_have_clear_errors(vqa):
+    model, inputs = vqa
+    with pytest.raises(ValueError, match="pixel_values is missing"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match="pixel_values is missing"):
+        model.generate(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"expected \[batch, 3, 32, 32\]"):
+        model(**{**inputs, "pixel_values": torch.zeros(2, 3, 48, 48)})
+    with pytest.raises(ValueError, match="one image per text"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"][:1]})
+    with pytest.raises(ValueError, match="input_ids is missing"):
+        model(pixel_values=inputs["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------ paying for hooks
+def test_explicit_attention_only_where_hooked(vqa, monkeypatch):
+    """Unhooked attention takes scaled_dot_product_attention; a pattern hook switches only its own module."""
+    model, inputs = vqa
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    n_attn = sum(1 for n in model.hook_dict if n.endswith("hook_pattern"))
+    with torch.no_grad():
+        model(**inputs)
+        assert len(calls) == n_attn
+        calls.clear()
+        model.run_with_hooks(**inputs, fwd_hooks=[("text_encoder.blocks.1.attn.hook_pattern", lambda t, hook: None)])
+        assert len(calls) == n_attn - 1
+
+
+def test_result_hook_equals_attention_output(vqa):
+    model, inputs = vqa
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs, names_filter=lambda n: "text_encoder.blocks.0.cross_attn" in n
+                                        or n == "text_encoder.blocks.0.hook_cross_attn_out")
+    attn = model.text_encoder.blocks[0].cross_attn
+    torch.testing.assert_close(cache["text_encoder", 0, "cross_attn.result"].sum(2) + attn.b_O,
+                               cache["text_encoder", 0, "cross_attn_out"], atol=1e-5, rtol=0)
+
+
+def test_per_head_weight_views_share_storage(vqa):
+    model, _ = vqa
+    attn = model.text_encoder.blocks[0].attn
+    H, d = attn.n_heads, attn.d_head
+    assert attn.W_Q.shape == (H, 64, d) and attn.W_O.shape == (H, d, 64) and attn.b_V.shape == (H, d)
+    # W_Q[h] maps the stream to head h's query: compare with the fused projection
+    x = torch.randn(3, 64)
+    q = torch.nn.functional.linear(x, attn.qkv_weight, attn.qkv_bias)[:, : H * d].view(3, H, d)
+    torch.testing.assert_close(torch.einsum("td,hde->the", x, attn.W_Q) + attn.b_Q, q, atol=1e-6, rtol=0)
+    assert attn.W_O.data_ptr() == attn.o_weight.data_ptr()
