@@ -248,3 +248,22 @@ def test_half_precision_runs(blip):
     keep = real_positions(kind, inputs, ref)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float()[keep] - ref[keep]).abs().max() < 0.25
+
+
+@pytest.mark.parametrize("kind,cfg", [
+    ("caption", dict(vis_hidden=48, txt_hidden=40, layers=3, heads=4, image_size=48, patch=12)),
+    ("itm", dict(vis_hidden=36, txt_hidden=60, layers=1, heads=6, image_size=40, patch=10, inter_mult=3)),
+    ("vqa", dict(vis_hidden=72, txt_hidden=72, layers=3, heads=3, image_size=24, patch=6)),
+])
+def test_other_sizes_match_hf(kind, cfg):
+    """Widths, head counts (d_head 12, 24, 10, 6), depths and image sizes unlike the fixtures'."""
+    hf, processor = build_blip(kind, seed=11, **cfg)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=IMAGES, text=QUESTIONS, padding=True, return_tensors="pt")
+    for fast in (False, True):
+        model.set_fast_attention(fast)
+        with torch.no_grad():
+            ours = model(**inputs)
+        ref = hf_logits(kind, hf, inputs)
+        keep = real_positions(kind, inputs, ref)
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4 if fast else 1e-5, rtol=0)
