@@ -1,0 +1,476 @@
+"""Offline builders of tiny, randomly initialised Hugging Face reference models.
+
+Everything here is built from in-memory configs, vocabularies and tokenizers: no network, no files,
+no checkpoints. **The weights are random** (seeded), so the models produce gibberish; they exist to
+
+* parity-test the hooked reimplementations against HF transformers (same weights, same inputs,
+  compare logits and intermediate activations),
+* give the demo and the CLI something to run on a machine without the real checkpoints,
+* exercise every code path cheaply (padding, cross-attention / no-cross-attention Q-Former layers,
+  Llama and T5 language models, GQA, LLaVA feature-layer selection).
+
+Builders (each returns ``(hf_model, processor)``, model in eval mode, float32, eager attention):
+
+* :func:`build_blip` -- ``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering`` /
+  ``BlipForImageTextRetrieval`` + ``BlipProcessor``
+* :func:`build_llava` -- ``LlavaForConditionalGeneration`` (CLIP + projector + Llama) + ``LlavaProcessor``
+* :func:`build_instructblip` -- ``InstructBlipForConditionalGeneration`` with a Llama or T5 LM +
+  ``InstructBlipProcessor``
+
+By default every parameter is overwritten by :func:`randomize_parameters_`: HF's own init leaves
+LayerNorms at 1/0, biases at 0 and InstructBLIP's ``query_tokens`` at exactly 0, which hides bugs such
+as a dropped bias or a swapped LayerNorm.
+
+Tested with transformers 5.23 (see the version pin in pyproject.toml); several quirks worked around
+below are specific to the 5.x API.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipForQuestionAnswering,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    T5Config,
+    T5Tokenizer,
+)
+from transformers.tokenization_utils_base import AddedToken
+
+__all__ = [
+    "WORDS",
+    "SENTENCES",
+    "random_image",
+    "make_bert_tokenizer",
+    "make_llama_tokenizer",
+    "make_t5_tokenizer",
+    "randomize_parameters_",
+    "build_blip",
+    "build_llava",
+    "build_instructblip",
+]
+
+WORDS = (
+    "a an the picture photo image of with on in at is are what how many color cat cats dog dogs "
+    "sitting sleeping couch table red blue green two three one yes no there man woman street car "
+    "question answer describe this short caption user assistant"
+).split()
+
+SENTENCES = [
+    "a picture of two cats sleeping on a couch",
+    "what is the color of the car",
+    "how many dogs are in the photo",
+    "describe this image in a short caption",
+    "USER: what is in the picture? ASSISTANT: a red car on the street",
+    "there is a man and a woman at the table",
+]
+
+_BLIP_CLASSES = {
+    "caption": BlipForConditionalGeneration,
+    "cg": BlipForConditionalGeneration,  # alias, the HF doc name ("captioning generation")
+    "vqa": BlipForQuestionAnswering,
+    "itm": BlipForImageTextRetrieval,
+}
+
+
+# ----------------------------------------------------------------------------------------- images
+def random_image(size: tuple[int, int] = (40, 30), seed: int = 0) -> Image.Image:
+    """A uniformly random RGB image of ``size = (width, height)`` (PIL order)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------------------- tokenizers
+def make_bert_tokenizer(add_blip_special_tokens: bool = True) -> BertTokenizer:
+    """WordPiece tokenizer over a tiny in-memory vocab (58 tokens with the BLIP specials, else 56).
+
+    With ``add_blip_special_tokens`` it mirrors Salesforce BLIP: ``bos_token = "[DEC]"`` and an extra
+    ``"[ENC]"`` (ids 30522/30523 in the real vocab, 56/57 here). The Q-Former tokenizer of InstructBLIP
+    is a plain BERT tokenizer (``add_blip_special_tokens=False``).
+    """
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS + ["?", ".", ",", ":", "##s"])}
+    # NB: pass the vocab as `vocab=` (a dict or a path); `vocab_file=path` silently builds a 5-token vocab in 5.x.
+    tok = BertTokenizer(vocab=vocab)
+    if add_blip_special_tokens:
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def _bpe_merges(bpe_tokenizer: Any) -> list[tuple[str, str]]:
+    merges = json.loads(bpe_tokenizer.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def make_llama_tokenizer(image_token: str = "<image>", extra_vocab: int = 400) -> LlamaTokenizer:
+    """Llama-style byte-fallback BPE, trained on :data:`SENTENCES` with ``tokenizers``.
+
+    Layout as in Llama: ``<unk>=0 <s>=1 </s>=2``, ``<0x00>..<0xFF> = 3..258``, then the learned pieces,
+    then the added tokens ``image_token`` and ``<pad>`` (as in llava-hf: 32000, 32001). With the default
+    ``extra_vocab=400`` the vocab has 439 entries (``<image>`` 437, ``<pad>`` 438). Pads on the left.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # split=True so merges never cross word boundaries (sentencepiece-like "▁word" pieces).
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=259 + extra_vocab,
+        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?.,:!'▁"),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(SENTENCES * 5, trainer=trainer)
+    # 5.x: LlamaTokenizer is the tokenizers-backed class, and add_bos_token defaults to False: pass it.
+    tok = LlamaTokenizer(
+        vocab=bpe.get_vocab(),
+        merges=_bpe_merges(bpe),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        add_bos_token=True,
+        add_eos_token=False,
+    )
+    # normalized=False: otherwise the Metaspace normaliser rewrites the token and it is split into pieces.
+    tok.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def make_t5_tokenizer() -> T5Tokenizer:
+    """Unigram T5 tokenizer from an in-memory (piece, score) list (80 tokens; pad 0, eos 1, unk 2)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0 - i * 0.01) for i, w in enumerate(WORDS)]
+    pieces += [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz?.,:"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+# ----------------------------------------------------------------------------------------- weights
+def _is_norm(module: torch.nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, torch.nn.LayerNorm) or "LayerNorm" in name or "RMSNorm" in name
+
+
+@torch.no_grad()
+def randomize_parameters_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Overwrite every parameter of ``model`` in place with seeded noise; returns ``model``.
+
+    Norm weights (``nn.LayerNorm`` and any module whose class name contains ``LayerNorm`` or
+    ``RMSNorm``, e.g. ``T5LayerNorm``, ``LlamaRMSNorm``) get ``1 + std * randn``; every other parameter,
+    norm biases and InstructBLIP's ``query_tokens`` included, gets ``std * randn``. Each unique tensor is
+    drawn once, so tied parameters stay tied. Deterministic for a given seed and model structure; the
+    global torch RNG is not touched.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    seen: set[int] = set()
+    for module in model.modules():  # deterministic registration order
+        norm = _is_norm(module)
+        for pname, param in module.named_parameters(recurse=False):
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+            if norm and pname == "weight":
+                noise += 1.0
+            param.copy_(noise.to(device=param.device, dtype=param.dtype))
+    return model
+
+
+def _finish(model: torch.nn.Module, seed: int, randomize: bool, eager: bool = True) -> torch.nn.Module:
+    if eager:
+        # Default is sdpa, which silently returns no attention maps for output_attentions=True.
+        # This call propagates to every sub-config (vision, Q-Former, LM).
+        model.set_attn_implementation("eager")
+    if randomize:
+        randomize_parameters_(model, seed=seed)
+    return model.float().eval()
+
+
+def _init_model(cls: type, cfg: Any, seed: int) -> torch.nn.Module:
+    # HF init draws from the global RNG: seed it, but restore the caller's RNG state afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(cfg)
+
+
+# ----------------------------------------------------------------------------------------- BLIP
+def _blip_config(
+    tok: BertTokenizer,
+    *,
+    vis_hidden: int = 64,
+    txt_hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    image_size: int = 32,
+    patch: int = 8,
+    inter_mult: int = 2,
+) -> BlipConfig:
+    text = BlipTextConfig(
+        vocab_size=len(tok),
+        hidden_size=txt_hidden,
+        intermediate_size=txt_hidden * inter_mult,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,  # [DEC]
+        pad_token_id=tok.pad_token_id,
+        sep_token_id=tok.sep_token_id,
+        eos_token_id=tok.sep_token_id,  # BLIP generation stops on [SEP]
+        projection_dim=32,
+    )
+    vision = BlipVisionConfig(
+        hidden_size=vis_hidden,
+        intermediate_size=vis_hidden * inter_mult,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+    )
+    # BlipConfig.__post_init__ sets text_config.encoder_hidden_size = vision hidden size (cross-attn K/V).
+    return BlipConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=32,
+        image_text_hidden_size=32,
+    )
+
+
+def build_blip(kind: str = "caption", seed: int = 0, randomize: bool = True, **cfg_kw: Any):
+    """Tiny BLIP of ``kind`` ``"caption"`` (alias ``"cg"``), ``"vqa"`` or ``"itm"`` + ``BlipProcessor``.
+
+    ``cfg_kw``: ``vis_hidden=64, txt_hidden=64, layers=2, heads=4, image_size=32, patch=8, inter_mult=2``.
+    VQA needs ``vis_hidden == txt_hidden`` (the HF decoder's cross-attention is sized by the vision width
+    but attends to the question encoder). Returns ``(model, processor)``.
+    """
+    if kind not in _BLIP_CLASSES:
+        raise ValueError(f"kind must be one of {sorted(_BLIP_CLASSES)}, got {kind!r}")
+    if kind == "vqa" and cfg_kw.get("vis_hidden", 64) != cfg_kw.get("txt_hidden", 64):
+        raise ValueError("BLIP VQA needs vis_hidden == txt_hidden (HF sizes decoder cross-attn by the vision width)")
+    tok = make_bert_tokenizer()
+    cfg = _blip_config(tok, **cfg_kw)
+    model = _init_model(_BLIP_CLASSES[kind], cfg, seed)
+    # BLIP is eager-only (sdpa/flex raise), so no attention switch is needed.
+    model = _finish(model, seed, randomize, eager=False)
+    s = cfg.vision_config.image_size
+    # The *Pil image processor: the default class needs torchvision and only falls back with a warning.
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}), tokenizer=tok)
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------- LLaVA
+def build_llava(
+    seed: int = 0,
+    randomize: bool = True,
+    *,
+    vis_hidden: int = 32,
+    lm_hidden: int = 64,
+    vis_layers: int = 3,
+    lm_layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    image_size: int = 32,
+    patch: int = 8,
+    inter_mult: int = 2,
+    vision_feature_layer: int | Sequence[int] = -2,
+    vision_feature_select_strategy: str = "default",
+):
+    """Tiny LLaVA-1.5 (CLIP vision + 2-layer GELU projector + Llama) + ``LlavaProcessor``.
+
+    ``vis_layers=3`` so that the default feature layer -2 is neither the first nor the last.
+    ``kv_heads`` < ``heads`` gives grouped-query attention. ``vision_feature_layer`` may be a list
+    (features concatenated along channels); ``vision_feature_select_strategy`` is ``"default"`` (drop
+    CLS) or ``"full"``, and the processor uses the same strategy. Returns ``(model, processor)``.
+    """
+    if vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}")
+    tok = make_llama_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=vis_hidden,
+        intermediate_size=vis_hidden * inter_mult,
+        num_hidden_layers=vis_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+    )  # hidden_act defaults to quick_gelu, as in CLIP ViT-L/14
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=lm_hidden,
+        intermediate_size=lm_hidden * inter_mult,
+        num_hidden_layers=lm_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if not isinstance(vision_feature_layer, int):
+        vision_feature_layer = list(vision_feature_layer)
+    n_image_tokens = (image_size // patch) ** 2 + (vision_feature_select_strategy == "full")
+    cfg = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_image_tokens,  # informational only: unused by the 5.x model and processor
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+    )
+    model = _finish(_init_model(LlavaForConditionalGeneration, cfg, seed), seed, randomize)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    # num_additional_image_tokens defaults to 0 in 5.x, which inserts one <image> too few with
+    # "default" (CLS dropped): real llava-hf processors set 1 (the CLS position).
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------- InstructBLIP
+def build_instructblip(
+    lm: str = "llama",
+    seed: int = 0,
+    randomize: bool = True,
+    *,
+    vis_hidden: int = 32,
+    qf_hidden: int = 32,
+    lm_hidden: int = 64,
+    layers: int = 2,
+    qf_layers: int = 2,
+    heads: int = 4,
+    image_size: int = 32,
+    patch: int = 8,
+    num_query_tokens: int = 4,
+    cross_freq: int = 2,
+    inter_mult: int = 2,
+):
+    """Tiny InstructBLIP (BLIP vision + Q-Former + Llama or T5 LM) + ``InstructBlipProcessor``.
+
+    ``lm="llama"``: decoder-only LM, processor pads left. ``lm="t5"``: encoder-decoder LM with an
+    **untied** ``lm_head`` and ``scale_decoder_outputs=False`` (the flan-t5 layout), processor pads right.
+    ``cross_freq=2`` with ``qf_layers=2``: layer 0 has cross-attention, layer 1 does not.
+    Returns ``(model, processor)``.
+    """
+    if lm not in ("llama", "t5"):
+        raise ValueError(f"lm must be 'llama' or 't5', got {lm!r}")
+    qf_tok = make_bert_tokenizer(add_blip_special_tokens=False)
+    if lm == "llama":
+        lm_tok = make_llama_tokenizer()  # already holds <image> as a special AddedToken
+    else:
+        lm_tok = make_t5_tokenizer()
+        lm_tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    # Add <image> ourselves *before* sizing the config: otherwise InstructBlipProcessor adds it and grows
+    # the vocab behind the config's back. And never set `lm_tok.image_token = "<image>"` (a str): the 5.x
+    # processor then crashes with "'str' object has no attribute 'content'".
+
+    vision = InstructBlipVisionConfig(
+        hidden_size=vis_hidden,
+        intermediate_size=vis_hidden * inter_mult,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch,
+    )
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=len(qf_tok),
+        hidden_size=qf_hidden,
+        intermediate_size=qf_hidden * inter_mult,
+        num_hidden_layers=qf_layers,
+        num_attention_heads=heads,
+        cross_attention_frequency=cross_freq,
+        max_position_embeddings=64,
+        pad_token_id=qf_tok.pad_token_id,
+    )
+    if lm == "llama":
+        text = LlamaConfig(
+            vocab_size=len(lm_tok),
+            hidden_size=lm_hidden,
+            intermediate_size=lm_hidden * inter_mult,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=256,
+            bos_token_id=lm_tok.bos_token_id,
+            eos_token_id=lm_tok.eos_token_id,
+            pad_token_id=lm_tok.pad_token_id,
+        )
+    else:
+        # 5.x T5Config turns tie_word_embeddings=False into scale_decoder_outputs=False and then forces
+        # tie_word_embeddings=True; the head is untied by hand below.
+        text = T5Config(
+            vocab_size=len(lm_tok),
+            d_model=lm_hidden,
+            d_kv=lm_hidden // heads,
+            d_ff=lm_hidden * inter_mult,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=lm_tok.pad_token_id,
+            eos_token_id=lm_tok.eos_token_id,
+            decoder_start_token_id=lm_tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    cfg = InstructBlipConfig(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        # Must be explicit: the default None crashes, and a wrong id silently drops the image.
+        image_token_index=lm_tok.convert_tokens_to_ids("<image>"),
+    )
+    model = _init_model(InstructBlipForConditionalGeneration, cfg, seed)
+    if lm == "t5":
+        # A fresh 5.x T5 ties lm_head to `shared`; flan-t5 checkpoints have a separate lm_head. Untie so
+        # converters and hooked models are tested on that layout (randomize_parameters_ then fills it).
+        # Init like HF's _init_weights does for an untied T5 head (normal, std = initializer_factor).
+        # Also drop the pair from the tied-keys maps, as from_pretrained does for a checkpoint whose head
+        # differs from `shared`. An explicit model.tie_weights() would still re-tie (config says tied).
+        lm_head = model.language_model.lm_head
+        gen = torch.Generator().manual_seed(seed + 1)
+        std = cfg.text_config.initializer_factor
+        lm_head.weight = torch.nn.Parameter(torch.randn(lm_head.weight.shape, generator=gen) * std)
+        model.language_model.all_tied_weights_keys.pop("lm_head.weight", None)
+        model.all_tied_weights_keys.pop("language_model.lm_head.weight", None)
+    model = _finish(model, seed, randomize)
+    s = cfg.vision_config.image_size
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": s, "width": s}),
+        tokenizer=lm_tok,
+        qformer_tokenizer=qf_tok,
+        num_query_tokens=cfg.num_query_tokens,  # must equal the config's
+    )
+    return model, processor
