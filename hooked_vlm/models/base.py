@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import nn
 from ..components import Attention, Block
 from ..hooks import HookedRootModule, HookSpec
 from ..positions import Positions
+from ..towers.base import Tower
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,49 @@ class HookedVLM(HookedRootModule):
             raise ValueError(f"tower {name!r} has no transformer blocks")
         return TowerInfo(name, len(blocks), blocks[0].cfg.layout, blocks[0].cfg.attn.n_heads,
                          tuple(b.cfg.cross_attn is not None for b in blocks))
+
+    def towers(self) -> dict[str, Tower]:
+        return {name: getattr(self, name) for name in self.tower_names if isinstance(getattr(self, name), Tower)}
+
+    @torch.no_grad()
+    def run_with_tower_outputs(self, **inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Run a forward and also return what each tower returned (what the towers after it read)."""
+        towers = self.towers()
+        for tower in towers.values():
+            tower.record_output, tower.recorded_output = True, None
+        try:
+            out = self(**inputs)
+            return out, {name: t.recorded_output for name, t in towers.items() if t.recorded_output is not None}
+        finally:
+            for tower in towers.values():
+                tower.record_output, tower.recorded_output = False, None
+
+    @contextlib.contextmanager
+    def resume(self, tower: str, layer: int, resid: torch.Tensor, given: Mapping[str, torch.Tensor] = {}
+               ) -> Iterator["HookedVLM"]:
+        """Inside the block, a forward skips the towers named in `given` (their outputs are the given tensors),
+        starts `tower` at block `layer` from `resid` (the stream entering that block, as cached at
+        `{tower}.blocks.{layer}.hook_resid_pre`), and runs the rest as usual. Inputs still go in whole (masks and
+        positions come from them); what a patch at block `layer` of `tower` cannot change is not recomputed."""
+        towers = self.towers()
+        target = towers.get(tower)
+        if target is None:
+            raise KeyError(f"no tower {tower!r} with blocks; towers: {', '.join(towers)}")
+        n_layers = self.tower_info(tower).n_layers
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is not a block of {tower} (0..{n_layers - 1})")
+        unknown = set(given) - set(towers)
+        if unknown:
+            raise KeyError(f"given outputs for unknown towers {sorted(unknown)}; towers: {', '.join(towers)}")
+        try:
+            target.resume_at = (layer, resid)
+            for name, output in given.items():
+                towers[name].given_output = output
+            yield self
+        finally:
+            target.resume_at = None
+            for t in towers.values():
+                t.given_output = None
 
     def set_fast_attention(self, enabled: bool) -> None:
         """Use `scaled_dot_product_attention` where no hook needs the pattern (default), or always the explicit

@@ -15,6 +15,7 @@ from ..components.kv_cache import KVCache
 from ..components.masks import causal_mask, padding_mask
 from ..components.mlp import ACTIVATIONS
 from ..hooks import HookPoint
+from .base import Tower
 
 
 @dataclass
@@ -47,7 +48,7 @@ class HeadTransform(nn.Module):
         return self.ln(self.hook_post(self.act(F.linear(x, self.weight, self.bias))))
 
 
-class TextTower(nn.Module):
+class TextTower(Tower):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
@@ -82,6 +83,8 @@ class TextTower(nn.Module):
             kv_mask: its padding mask; None attends to all of it.
             past: the keys and values of earlier steps; updated in place.
         """
+        if self.given_output is not None:
+            return self.given_output
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         if start + T > self.cfg.n_ctx:
@@ -89,19 +92,22 @@ class TextTower(nn.Module):
                              "was trained with; shorten it")
         if attention_mask is None:
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
-        if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.hook_embed(self.embed(input_ids))
-        x = self.ln_embed(x + self.hook_pos_embed(self.pos_embed(positions)))
+        first, x = self.start()
+        if x is None:
+            if positions is None:
+                positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            x = self.hook_embed(self.embed(input_ids))
+            x = self.ln_embed(x + self.hook_pos_embed(self.pos_embed(positions)))
 
         dtype = x.dtype
         mask = causal_mask(attention_mask, T, dtype) if self.cfg.causal else padding_mask(attention_mask, dtype)
         cross_mask = padding_mask(kv_mask, dtype) if kv_mask is not None else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, kv_input=kv_input, kv_mask=cross_mask, past=past.blocks[i] if past else None)
+        for i in range(first, self.cfg.n_layers):
+            x = self.blocks[i](x, mask=mask, kv_input=kv_input, kv_mask=cross_mask,
+                               past=past.blocks[i] if past else None)
         if past is not None:
             past.length = start + T
-        return x
+        return self.finish(x)
 
     def logits(self, resid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
         return self.unembed(self.head(resid))

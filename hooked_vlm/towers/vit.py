@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..components import Block, BlockConfig, NormConfig, PatchEmbed, make_norm
 from ..hooks import HookPoint
+from .base import Tower
 
 
 @dataclass
@@ -35,7 +36,7 @@ class VisionConfig:
         return self.grid**2 + 1
 
 
-class VisionTower(nn.Module):
+class VisionTower(Tower):
     """Patch embeddings with a class token in front, absolute positions, pre-LN blocks.
 
     Token 0 is the class token; token 1 + r * grid + c is the patch at row r, column c.
@@ -68,18 +69,23 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: Float[Tensor, "B 3 H W"], stop_at_layer: int | None = None
                 ) -> Float[Tensor, "B T D"]:
-        """Returns the output of the last block run (`stop_at_layer` blocks if given), normalised by `ln_post` when
-        the tower has it and runs to the end."""
-        pixel_values = self.check_pixels(pixel_values)
+        """Returns the output of the last block run (`stop_at_layer` blocks if given: later blocks are not
+        computed), normalised by `ln_post` when the tower has it and runs to the end."""
+        if self.given_output is not None:
+            return self.given_output
+        first, x = self.start()
+        if x is None:
+            x = self.embed(self.check_pixels(pixel_values))
+        n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for block in self.blocks[first:n_run]:
+            x = block(x)
+        if self.cfg.ln_post and n_run == self.cfg.n_layers:
+            x = self.ln_post(x)
+        return self.finish(x)
+
+    def embed(self, pixel_values: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B T D"]:
         patches = self.patch_embed(pixel_values)
         cls = self.class_embed.to(patches.dtype).expand(patches.shape[0], 1, -1)
         x = self.hook_embed(torch.cat([cls, patches], dim=1))
         x = x + self.hook_pos_embed(self.W_pos.to(x.dtype).expand(x.shape[0], -1, -1))
-        if self.cfg.ln_pre:
-            x = self.ln_pre(x)
-        n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for block in self.blocks[:n_run]:
-            x = block(x)
-        if self.cfg.ln_post and n_run == self.cfg.n_layers:
-            x = self.ln_post(x)
-        return x
+        return self.ln_pre(x) if self.cfg.ln_pre else x

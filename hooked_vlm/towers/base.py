@@ -1,0 +1,25 @@
+"""What every tower shares: the model can skip a tower by handing it its output, or resume it at a block from a
+cached stream. Patching sweeps use this to avoid re-running what a patch cannot change (`HookedVLM.resume`)."""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor, nn
+
+
+class Tower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.given_output: Tensor | None = None  # returned as the tower's output, nothing computed
+        self.resume_at: tuple[int, Tensor] | None = None  # (block, stream entering it): skip what comes before
+        self.recorded_output: Tensor | None = None  # set on every forward while `record_output` is on
+        self.record_output = False
+
+    def start(self) -> tuple[int, Float[Tensor, "B T D"] | None]:
+        """(first block to run, its input); (0, None) unless resuming: then the tower skips its embeddings."""
+        return self.resume_at if self.resume_at is not None else (0, None)
+
+    def finish(self, output: Tensor) -> Tensor:
+        if self.record_output:
+            self.recorded_output = output
+        return output
