@@ -30,6 +30,7 @@ class ActivationCache:
     def __init__(self, store: dict[str, Tensor], model: "HookedVLM | None" = None,
                  positions: Positions | None = None, has_batch_dim: bool = True):
         self.store = store  # shared with run_with_cache: gradients land here when backward runs
+        self.tower_outputs: dict[str, Tensor] = {}  # filled by run_with_cache(tower_outputs=True)
         self.model = model
         self.positions = positions
         self.has_batch_dim = has_batch_dim

@@ -119,15 +119,19 @@ class HookedVLM(HookedRootModule):
     def towers(self) -> dict[str, Tower]:
         return {name: getattr(self, name) for name in self.tower_names if isinstance(getattr(self, name), Tower)}
 
-    @torch.no_grad()
-    def run_with_tower_outputs(self, **inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-        """Run a forward and also return what each tower returned (what the towers after it read)."""
+    def run_with_cache(self, *args: Any, tower_outputs: bool = False, **kwargs: Any):
+        """`HookedRootModule.run_with_cache`; with `tower_outputs=True` the cache also keeps what each tower
+        returned (what the towers after it read) in `cache.tower_outputs`, for `resume`."""
+        if not tower_outputs:
+            return super().run_with_cache(*args, **kwargs)
         towers = self.towers()
         for tower in towers.values():
             tower.record_output, tower.recorded_output = True, None
         try:
-            out = self(**inputs)
-            return out, {name: t.recorded_output for name, t in towers.items() if t.recorded_output is not None}
+            out, cache = super().run_with_cache(*args, **kwargs)
+            cache.tower_outputs = {name: t.recorded_output.detach() for name, t in towers.items()
+                                   if t.recorded_output is not None}
+            return out, cache
         finally:
             for tower in towers.values():
                 tower.record_output, tower.recorded_output = False, None

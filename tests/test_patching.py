@@ -1,0 +1,162 @@
+"""Patching sweeps equal the naive loop (one full forward per cell, written here with run_with_hooks only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM, metrics, patching
+from hooked_vlm.tiny import build_blip, random_image
+
+QUESTIONS = ["what color is the car on the street", "how many cats"]
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    hf, processor = build_blip("vqa", seed=7)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    images = [random_image(seed=0), random_image(seed=1)]
+    other = [random_image(seed=2), random_image(seed=3)]
+    clean = processor(images=images, text=QUESTIONS, padding=True, return_tensors="pt")
+    corrupt_image = processor(images=other, text=QUESTIONS, padding=True, return_tensors="pt")
+    corrupt_text = processor(images=images, text=["what color is the dog on the street", "how many dogs"],
+                             padding=True, return_tensors="pt")
+    with torch.no_grad():
+        answer = model(**clean)[:, -1].argmax(-1)  # the clean first answer token, per example
+    metric = metrics.logit_diff(answer, (answer + 1) % 58)
+    return model, clean, corrupt_image, corrupt_text, metric
+
+
+def naive(model, clean, corrupt, metric, hook_name, edit, n_cells, direction, normalize):
+    """One fresh forward per cell; `edit(act, source, cell)` patches the cell."""
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    examples = torch.arange(target["input_ids"].shape[0])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**source, names_filter=hook_name)
+        m_clean, m_corrupt = metric(model(**clean), examples), metric(model(**corrupt), examples)
+        out = []
+        for cell in range(n_cells):
+            logits = model.run_with_hooks(**target, fwd_hooks=[
+                (hook_name, lambda act, hook: edit(act.clone(), cache[hook_name], cell))])
+            value = metric(logits, examples)
+            out.append((metrics.normalized(value, m_clean, m_corrupt) if normalize else value).mean())
+    return torch.stack(out)
+
+
+def set_position(act, src, p):
+    act[:, p] = src[:, p]
+    return act
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("tower,hook", [("text_encoder", "resid_pre"), ("text_encoder", "cross_attn_out"),
+                                        ("vision", "mlp_out"), ("text_decoder", "resid_mid")])
+def test_patch_resid_equals_naive_loop(vqa, tower, hook, direction, normalize):
+    model, clean, corrupt, _, metric = vqa
+    result = patching.patch_resid(model, clean, corrupt, metric, tower=tower, hook=hook, direction=direction,
+                                  normalize=normalize, batch_size=8, progress=False)
+    n_layers = model.tower_info(tower).n_layers
+    n_pos = result.shape[1]
+    for layer in range(n_layers):
+        name = f"{tower}.blocks.{layer}.hook_{hook}"
+        expected = naive(model, clean, corrupt, metric, name, set_position, n_pos, direction, normalize)
+        torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_resid_text_corruption_and_per_example_positions(vqa):
+    model, clean, _, corrupt_text, metric = vqa
+    positions = torch.tensor([[1, 5], [0, 3]])  # per example
+    result = patching.patch_resid(model, clean, corrupt_text, metric, tower="text_encoder", hook="resid_post",
+                                  positions=positions, progress=False)
+    assert result.shape == (2, 2)
+    for layer in range(2):
+        name = f"text_encoder.blocks.{layer}.hook_resid_post"
+
+        def edit(act, src, cell):
+            rows = torch.arange(2)
+            act[rows, positions[:, cell]] = src[rows, positions[:, cell]]
+            return act
+
+        expected = naive(model, clean, corrupt_text, metric, name, edit, 2, "denoise", False)
+        torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tower,attention,activation", [
+    ("text_encoder", "attn", "z"), ("text_encoder", "cross_attn", "z"), ("text_decoder", "cross_attn", "z"),
+    ("vision", "attn", "z"), ("text_encoder", "cross_attn", "pattern"), ("text_encoder", "attn", "v"),
+    ("text_encoder", "cross_attn", "q"), ("text_encoder", "cross_attn", "k"),
+])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_patch_heads_equals_naive_loop(vqa, tower, attention, activation, direction):
+    model, clean, corrupt, _, metric = vqa
+    result = patching.patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention,
+                                  activation=activation, direction=direction, normalize=True, batch_size=6,
+                                  progress=False)
+    info = model.tower_info(tower)
+    assert result.shape == (info.n_layers, info.n_heads)
+    head_axis = 1 if activation == "pattern" else 2
+    for layer in range(info.n_layers):
+        name = f"{tower}.blocks.{layer}.{attention}.hook_{activation}"
+
+        def edit(act, src, head):
+            index = [slice(None)] * act.ndim
+            index[head_axis] = head
+            act[tuple(index)] = src[tuple(index)]
+            return act
+
+        expected = naive(model, clean, corrupt, metric, name, edit, info.n_heads, direction, True)
+        torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_heads_by_position_equals_naive_loop(vqa):
+    model, clean, corrupt, _, metric = vqa
+    positions = [0, 2, 4]
+    result = patching.patch_heads(model, clean, corrupt, metric, tower="text_encoder", attention="cross_attn",
+                                  positions=positions, by_position=True, batch_size=5, progress=False)
+    assert result.shape == (2, 4, 3)
+    for layer in range(2):
+        name = f"text_encoder.blocks.{layer}.cross_attn.hook_z"
+
+        def edit(act, src, cell):
+            head, p = cell // 3, positions[cell % 3]
+            act[:, p, head] = src[:, p, head]
+            return act
+
+        expected = naive(model, clean, corrupt, metric, name, edit, 12, "denoise", False).view(4, 3)
+        torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_denoising_the_corrupted_token_at_block_0_restores_the_clean_run(vqa):
+    """With one word swapped, the stream entering block 0 differs only at that word: patching it there gives the
+    clean run, patching any other position changes nothing."""
+    model, clean, _, corrupt_text, metric = vqa
+    differs = (clean["input_ids"] != corrupt_text["input_ids"])
+    assert differs.sum(1).tolist() == [1, 1]
+    swapped = differs.float().argmax(1, keepdim=True)  # [B, 1], a different position in each example
+    same = torch.tensor([[1], [1]])
+    result = patching.patch_resid(model, clean, corrupt_text, metric, tower="text_encoder", hook="resid_pre",
+                                  positions=torch.cat([swapped, same], 1), progress=False)
+    with torch.no_grad():
+        m_clean = metric(model(**clean), torch.arange(2)).mean()
+        m_corrupt = metric(model(**corrupt_text), torch.arange(2)).mean()
+    torch.testing.assert_close(result[0], torch.stack([m_clean, m_corrupt]), atol=1e-5, rtol=0)
+
+
+def test_bad_sweep_inputs(vqa):
+    model, clean, corrupt, _, metric = vqa
+    longer = model.processor(images=[random_image(seed=2), random_image(seed=3)],
+                             text=["what color is the car on the street now", "how many"], padding=True,
+                             return_tensors="pt")
+    with pytest.raises(ValueError, match="differ in length"):
+        patching.patch_resid(model, clean, longer, metric, tower="text_encoder", progress=False)
+    no_image = {k: v for k, v in corrupt.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="needs an image"):
+        patching.patch_heads(model, clean, no_image, metric, tower="text_encoder", progress=False)
+    with pytest.raises(ValueError, match="pair them one to one"):
+        patching.patch_resid(model, clean, {k: v[:1] for k, v in corrupt.items()}, metric, tower="text_encoder",
+                             progress=False)
+    with pytest.raises(ValueError, match="hook must be one of"):
+        patching.patch_resid(model, clean, corrupt, metric, tower="text_encoder", hook="pattern", progress=False)
+    with pytest.raises(KeyError, match="no tower"):
+        patching.patch_resid(model, clean, corrupt, metric, tower="lm", progress=False)
