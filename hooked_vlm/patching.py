@@ -43,7 +43,7 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     """
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
-    run = _Runs(model, clean, corrupt, metric, tower, direction, [f"hook_{hook}"])
+    run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [f"hook_{hook}"])
     pos = run.positions(positions, f"hook_{hook}")  # [B, P]
     n_pos = pos.shape[1]
 
@@ -54,7 +54,7 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
         act[rows, p] = source[example, p].to(act.dtype)
         return act
 
-    return run.sweep(lambda layer: f"{tower}.blocks.{layer}.hook_{hook}", n_pos, patch, normalize, batch_size,
+    return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.hook_{hook}"], n_pos, patch, normalize, batch_size,
                      progress)
 
 
@@ -76,7 +76,7 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     if attention not in ("attn", "cross_attn"):
         raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
     leaf = f"{attention}.hook_{activation}"
-    run = _Runs(model, clean, corrupt, metric, tower, direction, [leaf])
+    run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [leaf])
 
     def by_head(t: Tensor) -> Tensor:
         """A view [N, positions, heads, ...] of any head activation (the pattern is [N, heads, queries, keys])."""
@@ -99,24 +99,215 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
         return act
 
     n_variants = n_heads * n_pos if by_position else n_heads
-    out = run.sweep(lambda layer: f"{tower}.blocks.{layer}.{leaf}", n_variants, patch, normalize, batch_size,
+    out = run.sweep(lambda layer: [f"{tower}.blocks.{layer}.{leaf}"], n_variants, patch, normalize, batch_size,
                     progress)
     return out.view(out.shape[0], n_heads, n_pos) if by_position else out
 
 
-# ---------------------------------------------------------------------------------------------- engine
-class _Runs:
-    """The clean and corrupted runs of one sweep, done once, and the resumed runs of its cells."""
+TRACE_KINDS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out",
+               "cross_attn": "hook_cross_attn_out"}
 
-    def __init__(self, model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
-                 metric: metrics_.Metric, tower: str, direction: Direction, leaves: list[str]):
-        if direction not in ("denoise", "noise"):
-            raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+
+def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.TokenIds | metrics_.Metric, *,
+                 tower: str, corrupt: Literal["image"] | Sequence[int] | Tensor = "image", noise: float = 3.0,
+                 kind: Literal["resid", "attn", "mlp", "cross_attn"] = "resid", window: int = 1, samples: int = 1,
+                 seed: int = 0, position: metrics_.Position = -1, positions: Sequence[int] | Tensor | None = None,
+                 normalize: bool = False, batch_size: int = 64, progress: bool = True
+                 ) -> Float[Tensor, "n_layers n_positions"]:
+    """ROME-style causal tracing adapted to VLMs (Meng et al. 2022; Palit et al. 2023 for BLIP).
+
+    The corrupted run adds Gaussian noise to the image embeddings (`corrupt="image"`: what the text reads of the
+    image, `model.image_embeddings_hook`) or to the token embeddings of the given positions of `tower`; its scale is
+    `noise` times the empirical standard deviation of the values it corrupts. Each cell restores the clean output of
+    `kind` (the block output, or its attention, MLP or cross-attention output) at one position, in a window of
+    `window` layers centred on the cell's layer, and reports P(target) (or `target` as a metric) at `position`.
+
+    The noise is drawn once per sample from `seed` (sample s uses seed + s) and shared by every cell; with
+    `samples > 1` the cells average over the samples. `normalize=True` reports (p - p_corrupt) / (p_clean -
+    p_corrupt). Layers where `kind` does not exist are NaN.
+    """
+    if kind not in TRACE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TRACE_KINDS)}, got {kind!r}")
+    if window < 1 or samples < 1:
+        raise ValueError(f"window and samples must be >= 1, got window={window}, samples={samples}")
+    _check_inputs(model, inputs, inputs)
+    metric = target if callable(target) else metrics_.prob(target, position)
+    site, sites = _noise_sites(model, inputs, tower, corrupt)
+    leaf = TRACE_KINDS[kind]
+    n_layers = model.tower_info(tower).n_layers
+
+    def cell_hooks(layer: int) -> list[str]:
+        span = range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
+        return [name for name in (f"{tower}.blocks.{i}.{leaf}" for i in span) if name in model.hook_dict]
+
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(**inputs, names_filter=site)
+    clean_values = clean_cache[site]
+    mask = torch.ones(clean_values.shape[:2], dtype=torch.bool) if sites is None else sites
+    mask = mask.to(clean_values.device)[..., None].expand_as(clean_values)
+    scale = noise * clean_values[mask].float().std()
+    results = []
+    for sample in range(samples):
+        generator = torch.Generator().manual_seed(seed + sample)
+        draw = torch.randn(clean_values.shape, generator=generator).to(clean_values.device, clean_values.dtype)
+        offset = torch.where(mask, draw * scale, torch.zeros_like(draw))
+
+        def add_noise(t: Tensor, hook: Any, offset: Tensor = offset) -> Tensor:
+            return t + offset.repeat(t.shape[0] // offset.shape[0], *([1] * (t.ndim - 1)))
+
+        run = _Runs(model, inputs, inputs, metric, tower, [leaf], clean_is_source=True,
+                    target_hooks=[(site, add_noise)])
+        pos = run.positions(positions, leaf)
+
+        def restore(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
+            rows, p = torch.arange(act.shape[0], device=act.device), pos[example, variant].to(act.device)
+            act = act.clone()
+            act[rows, p] = source[example, p].to(act.dtype)
+            return act
+
+        results.append(run.sweep(cell_hooks, pos.shape[1], restore, normalize, batch_size, progress))
+    return torch.stack(results).mean(0)
+
+
+def _noise_sites(model: HookedVLM, inputs: Mapping[str, Any], tower: str,
+                 corrupt: str | Sequence[int] | Tensor) -> tuple[str, Tensor | None]:
+    """The hook to add noise at and the [B, T] positions there (None: all)."""
+    if isinstance(corrupt, str):
+        if corrupt != "image":
+            raise ValueError(f"corrupt must be 'image' or positions, got {corrupt!r}")
+        with torch.no_grad():
+            model(**inputs)  # the image tokens' positions come from this input's forward
+        return model.image_embeddings_hook, model.image_embeddings_mask(model.last_positions)
+    site = f"{tower}.hook_embed"
+    if site not in model.hook_dict:
+        raise ValueError(f"tower {tower!r} has no token embeddings ({site}) to corrupt")
+    B, T = inputs["input_ids"].shape
+    pos = _positions(corrupt, B, T)
+    sites = torch.zeros(B, T, dtype=torch.bool)
+    sites[torch.arange(B)[:, None], pos] = True
+    return site, sites
+
+
+def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
+                            metric: metrics_.Metric, *, tower: str, hook: str = "resid_pre",
+                            positions: Sequence[int] | Tensor | None = None, direction: Direction = "denoise",
+                            normalize: bool = False) -> Float[Tensor, "n_layers n_positions"]:
+    """`patch_resid`'s first-order approximation (attribution patching, Nanda 2023): metric(target) +
+    (source - target) . d metric / d activation, from one source forward, one target forward and one backward."""
+    if hook not in STREAM_HOOKS:
+        raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
+    leaf = f"hook_{hook}"
+    attr, pos = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, pos_dim=1)
+    # per layer: [B, T, D] -> effect of patching each position alone: [B, P]
+    cells = {layer: (d * g).sum(-1).gather(1, pos.to(d.device)) for layer, (d, g) in attr.items()}
+    return _finish_attribution(cells, attr.m_target, attr, pos.shape[1], normalize)
+
+
+def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
+                            metric: metrics_.Metric, *, tower: str, attention: Literal["attn", "cross_attn"] = "attn",
+                            activation: Literal["z", "q", "k", "v", "pattern"] = "z",
+                            positions: Sequence[int] | Tensor | None = None, by_position: bool = False,
+                            direction: Direction = "denoise", normalize: bool = False
+                            ) -> Float[Tensor, "n_layers n_heads *n_positions"]:
+    """`patch_heads`'s first-order approximation (attribution patching), with the same arguments and result."""
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
+    leaf = f"{attention}.hook_{activation}"
+    pattern = activation == "pattern"
+    attr, pos = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, pos_dim=2 if pattern else 1)
+    cells = {}
+    for layer, (d, g) in attr.items():
+        prod = d * g
+        per_pos_head = prod.sum(-1).transpose(1, 2) if pattern else prod.sum(-1)  # [B, T, H]
+        picked = per_pos_head.gather(1, pos.to(d.device)[..., None].expand(-1, -1, per_pos_head.shape[2]))
+        cells[layer] = picked.transpose(1, 2).flatten(1) if by_position else picked.sum(1)  # [B, H * P] or [B, H]
+    n_heads = next(iter(cells.values())).shape[1] // (pos.shape[1] if by_position else 1)
+    out = _finish_attribution(cells, attr.m_target, attr, cells[next(iter(cells))].shape[1], normalize)
+    return out.view(out.shape[0], n_heads, pos.shape[1]) if by_position else out
+
+
+class _Attribution(dict):
+    """{layer: (source - target activation, gradient of the metric there)} plus the runs' metrics."""
+
+    n_layers: int
+    m_target: Tensor
+    m_clean: Tensor
+    m_corrupt: Tensor
+
+
+def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: metrics_.Metric,
+               tower: str, leaf: str, direction: Direction, positions: Sequence[int] | Tensor | None,
+               pos_dim: int) -> tuple[_Attribution, Tensor]:
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    _check_inputs(model, clean, corrupt)
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    names = [n for n in model.hook_dict if n.startswith(f"{tower}.blocks.") and n.endswith("." + leaf)]
+    if not names:
+        raise ValueError(f"tower {tower!r} has no hook ending in {leaf!r}")
+    with torch.no_grad():
+        source_logits, source_cache = model.run_with_cache(**source, names_filter=names)
+    acts: dict[str, Tensor] = {}
+
+    def keep(t: Tensor, hook: Any) -> Tensor:
+        if not t.requires_grad:  # parameters frozen: make the first hooked tensor the leaf of the graph
+            t = t.detach().requires_grad_(True)
+        acts[hook.name] = t
+        return t
+
+    B = _batch_size(target)
+    examples = torch.arange(B)
+    with torch.enable_grad():
+        target_logits = model.run_with_hooks(**target, fwd_hooks=[(n, keep) for n in names])
+        m_target = metric(target_logits, examples.to(target_logits.device))
+        grads = torch.autograd.grad(m_target.sum(), [acts[n] for n in names], allow_unused=True)
+    result = _Attribution()
+    for name, grad in zip(names, grads):
+        diff = source_cache[name] - acts[name].detach()
+        if diff.shape != acts[name].shape:
+            raise ValueError(f"the clean and corrupted inputs differ in shape at {name} "
+                             f"({tuple(source_cache[name].shape)} vs {tuple(acts[name].shape)}); make their token "
+                             "counts equal")
+        result[int(name.split(".")[2])] = (diff.float(), torch.zeros_like(diff, dtype=torch.float) if grad is None
+                                           else grad.float())
+    result.n_layers = model.tower_info(tower).n_layers
+    m_source = metric(source_logits, examples.to(source_logits.device))
+    result.m_target = m_target.detach().float()
+    result.m_clean, result.m_corrupt = ((m_source, result.m_target) if direction == "denoise"
+                                        else (result.m_target, m_source))
+    length = source_cache[names[0]].shape[pos_dim]
+    return result, _positions(positions, B, length)
+
+
+def _finish_attribution(cells: dict[int, Tensor], m_target: Tensor, attr: _Attribution, n_cells: int,
+                        normalize: bool) -> Tensor:
+    out = torch.full((attr.n_layers, n_cells), float("nan"))
+    for layer, effect in cells.items():  # effect: [B, n_cells]
+        value = m_target[:, None] + effect
+        if normalize:
+            value = metrics_.normalized(value, attr.m_clean.float()[:, None], attr.m_corrupt.float()[:, None])
+        out[layer] = value.mean(0).cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- engine
+Patch = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (activation, source activation, variant, example)
+
+
+class _Runs:
+    """One sweep: the source run (values to patch in) and the target run (the one patched), done once each, and
+    the resumed runs of its cells.
+
+    `target_hooks` corrupt the target run (causal tracing's noise); they also run in the resumed runs, where they
+    must accept a batch holding several copies of the target batch.
+    """
+
+    def __init__(self, model: HookedVLM, target: Mapping[str, Any], source: Mapping[str, Any],
+                 metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
+                 target_hooks: Sequence[tuple[str, Callable]] = ()):
         self.model, self.metric, self.tower = model, metric, tower
-        info = model.tower_info(tower)
-        self.n_layers = info.n_layers
-        _check_inputs(model, clean, corrupt)
-        self.target, source = (dict(corrupt), dict(clean)) if direction == "denoise" else (dict(clean), dict(corrupt))
+        self.n_layers = model.tower_info(tower).n_layers
+        self.target, self.target_hooks = dict(target), list(target_hooks)
         self.B = _batch_size(self.target)
 
         def wanted(name: str) -> bool:
@@ -126,15 +317,25 @@ class _Runs:
             source_logits, self.source = model.run_with_cache(**source, names_filter=wanted)
             # the target run keeps what the resumed runs start from: the stream entering each block, the outputs
             # of the towers before this one, and the patched hooks (to check that lengths agree)
-            target_logits, self.target_cache = model.run_with_cache(
-                **self.target, tower_outputs=True,
-                names_filter=lambda n: wanted(n) or (n.startswith(f"{tower}.blocks.") and n.endswith(".hook_resid_pre")))
-        self.examples = torch.arange(self.B, device=target_logits.device)
-        m_source, m_target = metric(source_logits, self.examples), metric(target_logits, self.examples)
-        self.m_clean, self.m_corrupt = (m_source, m_target) if direction == "denoise" else (m_target, m_source)
+            with model.hooks(self.target_hooks):
+                target_logits, self.target_cache = model.run_with_cache(
+                    **self.target, tower_outputs=True, names_filter=lambda n: wanted(n) or (
+                        n.startswith(f"{tower}.blocks.") and n.endswith(".hook_resid_pre")))
+        examples = torch.arange(self.B, device=target_logits.device)
+        m_source, m_target = metric(source_logits, examples), metric(target_logits, examples)
+        self.m_clean, self.m_corrupt = (m_source, m_target) if clean_is_source else (m_target, m_source)
         order = list(model.tower_names)
         self.given = {t: out for t, out in self.target_cache.tower_outputs.items()
                       if order.index(t) < order.index(tower)}
+
+    @classmethod
+    def for_direction(cls, model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
+                      metric: metrics_.Metric, tower: str, direction: Direction, leaves: list[str]) -> "_Runs":
+        if direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+        _check_inputs(model, clean, corrupt)
+        target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+        return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise")
 
     def source_act(self, leaf: str) -> Tensor:
         names = [n for n in self.source.keys() if n.endswith("." + leaf)]
@@ -151,39 +352,35 @@ class _Runs:
                 f"the clean and corrupted inputs differ in length at {name} ({source_len} vs {target_len} "
                 f"positions), so position-wise patching would pair unrelated tokens; make their token counts "
                 "equal or patch named spans")
-        if positions is None:
-            return torch.arange(source_len).expand(self.B, source_len)
-        pos = torch.as_tensor(positions, dtype=torch.long)
-        pos = pos.expand(self.B, -1) if pos.ndim == 1 else pos
-        if pos.ndim != 2 or pos.shape[0] != self.B:
-            raise ValueError(f"positions must be a list or a [batch={self.B}, P] tensor, got shape {tuple(pos.shape)}")
-        if pos.numel() and (pos.min() < -source_len or pos.max() >= source_len):
-            raise ValueError(f"positions {pos.tolist()} are out of range for {source_len} positions")
-        return pos % source_len
+        return _positions(positions, self.B, source_len)
 
-    def sweep(self, hook_name: Callable[[int], str], n_variants: int,
-              patch: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], normalize: bool, batch_size: int,
-              progress: bool) -> Tensor:
+    def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
+              batch_size: int, progress: bool) -> Float[Tensor, "n_layers n_variants"]:
+        """For each layer, the mean metric of each variant, patched at the hooks `cell_hooks(layer)` (all in this
+        tower; the run resumes at the first of their blocks)."""
         B = self.B
         per_chunk = max(1, batch_size // B)  # variants per forward
         out = torch.full((self.n_layers, n_variants), float("nan"))
-        layers = [layer for layer in range(self.n_layers) if hook_name(layer) in self.source.keys()]
+        layers = [layer for layer in range(self.n_layers)
+                  if cell_hooks(layer) and all(name in self.source.keys() for name in cell_hooks(layer))]
         chunks = [(layer, start) for layer in layers for start in range(0, n_variants, per_chunk)]
         bar = _progress(len(chunks), progress and len(chunks) > 8, f"patching {self.tower}")
         for layer, start in chunks:
             n = min(per_chunk, n_variants - start)
             variant = torch.arange(start, start + n).repeat_interleave(B)  # rows are variant-major
             example = torch.arange(B).repeat(n)
-            source = self.source[hook_name(layer)]
+            names = cell_hooks(layer)
+            first = min(int(name.split(".")[2]) for name in names)
 
             def hook(act: Tensor, hook: Any) -> Tensor:
-                return patch(act, source, variant, example)
+                return patch(act, self.source[hook.name], variant, example)
 
             inputs = {k: _repeat(v, n) for k, v in self.target.items()}
             given = {k: _repeat(v, n) for k, v in self.given.items()}
-            resid = _repeat(self.target_cache[f"{self.tower}.blocks.{layer}.hook_resid_pre"], n)
-            with torch.no_grad(), self.model.resume(self.tower, layer, resid, given):
-                logits = self.model.run_with_hooks(**inputs, fwd_hooks=[(hook_name(layer), hook)])
+            resid = _repeat(self.target_cache[f"{self.tower}.blocks.{first}.hook_resid_pre"], n)
+            with torch.no_grad(), self.model.resume(self.tower, first, resid, given):
+                logits = self.model.run_with_hooks(**inputs, fwd_hooks=[*self.target_hooks,
+                                                                        *((name, hook) for name in names)])
             values = self.metric(logits, example.to(logits.device)).float().view(n, B)
             if normalize:
                 values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
@@ -191,6 +388,19 @@ class _Runs:
             bar.update(1)
         bar.close()
         return out
+
+
+def _positions(positions: Sequence[int] | Tensor | None, B: int, length: int) -> Tensor:
+    """Positions per example [B, P] from None (all), a shared list, or a [B, P] tensor."""
+    if positions is None:
+        return torch.arange(length).expand(B, length)
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    pos = pos.expand(B, -1) if pos.ndim == 1 else pos
+    if pos.ndim != 2 or pos.shape[0] != B:
+        raise ValueError(f"positions must be a list or a [batch={B}, P] tensor, got shape {tuple(pos.shape)}")
+    if pos.numel() and (pos.min() < -length or pos.max() >= length):
+        raise ValueError(f"positions {pos.tolist()} are out of range for {length} positions")
+    return pos % length
 
 
 def _check_inputs(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from hooked_vlm import HookedVLM, metrics, patching
 from hooked_vlm.tiny import build_blip, random_image
+from hooked_vlm.towers.vit import VisionConfig, VisionTower
 
 QUESTIONS = ["what color is the car on the street", "how many cats"]
 
@@ -160,3 +161,138 @@ def test_bad_sweep_inputs(vqa):
         patching.patch_resid(model, clean, corrupt, metric, tower="text_encoder", hook="pattern", progress=False)
     with pytest.raises(KeyError, match="no tower"):
         patching.patch_resid(model, clean, corrupt, metric, tower="lm", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ causal tracing
+def naive_trace(model, inputs, target, site, sites, scale, seed, tower, leaf, window, positions):
+    """ROME's loop: one forward per cell, noise and restore hooks written out here."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs)
+    values = cache[site]
+    mask = sites[..., None].expand_as(values)
+    noise = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed)) * scale * values[mask].std()
+    noise = torch.where(mask, noise, 0.0)
+    n_layers = model.tower_info(tower).n_layers
+    examples = torch.arange(values.shape[0])
+    out = torch.full((n_layers, len(positions)), float("nan"))
+    for layer in range(n_layers):
+        span = [i for i in range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
+                if f"{tower}.blocks.{i}.{leaf}" in model.hook_dict]
+        for j, p in enumerate(positions):
+            def restore(act, hook, p=p):
+                act = act.clone()
+                act[:, p] = cache[hook.name][:, p]
+                return act
+            hooks = [(site, lambda t, hook: t + noise)] + [(f"{tower}.blocks.{i}.{leaf}", restore) for i in span]
+            with torch.no_grad():
+                logits = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+            out[layer, j] = metrics.prob(target)(logits, examples).mean()
+    return out
+
+
+@pytest.mark.parametrize("kind,window,tower", [("resid", 1, "text_encoder"), ("mlp", 3, "text_encoder"),
+                                               ("cross_attn", 1, "text_decoder"), ("attn", 2, "vision")])
+def test_causal_trace_equals_naive_loop(vqa, kind, window, tower):
+    model, clean, _, _, _ = vqa
+    target = model(**clean)[:, -1].argmax(-1)
+    result = patching.causal_trace(model, clean, target, tower=tower, kind=kind, window=window, seed=4,
+                                   batch_size=16, progress=False)
+    T = result.shape[1]
+    sites = torch.ones(clean["pixel_values"].shape[0], 17, dtype=torch.bool)  # every vision token
+    leaf = patching.TRACE_KINDS[kind]
+    expected = naive_trace(model, clean, target, "vision.ln_post.hook_normalized", sites, 3.0, 4, tower, leaf,
+                           window, list(range(T)))
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_causal_trace_text_positions_equals_naive_loop(vqa):
+    model, clean, _, _, _ = vqa
+    target = model(**clean)[:, -1].argmax(-1)
+    result = patching.causal_trace(model, clean, target, tower="text_encoder", corrupt=[1, 2], noise=2.0, seed=1,
+                                   progress=False)
+    sites = torch.zeros(clean["input_ids"].shape, dtype=torch.bool)
+    sites[:, [1, 2]] = True
+    expected = naive_trace(model, clean, target, "text_encoder.hook_embed", sites, 2.0, 1, "text_encoder",
+                           "hook_resid_post", 1, list(range(result.shape[1])))
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_causal_trace_is_seeded_and_noise_free_restores_clean(vqa):
+    model, clean, _, _, _ = vqa
+    target = model(**clean)[:, -1].argmax(-1)
+    run = lambda **kw: patching.causal_trace(model, clean, target, tower="text_encoder", progress=False, **kw)  # noqa
+    torch.testing.assert_close(run(seed=3), run(seed=3), atol=0, rtol=0)
+    assert not torch.allclose(run(seed=3), run(seed=5))
+    with torch.no_grad():
+        p_clean = metrics.prob(target)(model(**clean), torch.arange(2)).mean()
+    torch.testing.assert_close(run(noise=0.0), torch.full_like(run(noise=0.0), float(p_clean)), atol=1e-6, rtol=0)
+    two = run(samples=2, seed=3)
+    torch.testing.assert_close(two, (run(seed=3) + run(seed=4)) / 2, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ attribution patching
+class LinearReadout(HookedVLM):
+    """A ViT without its final norm, read out linearly, whose last MLP outputs zero: the logits are linear in the
+    last block's stream, attention output and per-head values, so attribution patching is exact there."""
+
+    tower_names = ("vision",)
+
+    def __init__(self, cfg):
+        super().__init__()
+        from torch import nn
+
+        self.vision = VisionTower(cfg)
+        self.readout = nn.Linear(cfg.d_model, 5)
+        self.setup()
+
+    def forward(self, pixel_values=None, **unused):
+        return self.readout(self.vision(pixel_values))
+
+
+@pytest.fixture(scope="module")
+def linear_model():
+    from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
+    from hooked_vlm.tiny import randomize_parameters_
+
+    block = BlockConfig(32, AttnConfig(4, 8), MLPConfig(64), NormConfig("layer", 1e-5))
+    model = LinearReadout(VisionConfig(16, 8, 3, block, ln_post=False))
+    randomize_parameters_(model, seed=0, std=0.2)
+    with torch.no_grad():
+        model.vision.blocks[-1].mlp.out_weight.zero_()
+        model.vision.blocks[-1].mlp.out_bias.zero_()
+    clean = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    corrupt = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    return model.eval(), clean, corrupt
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_is_exact_where_the_metric_is_linear(linear_model, direction):
+    model, clean, corrupt = linear_model
+    metric = metrics.logit_diff(torch.tensor([0, 2]), torch.tensor([1, 3]))
+    for hook in ("resid_post", "attn_out", "resid_mid"):
+        exact = patching.patch_resid(model, clean, corrupt, metric, tower="vision", hook=hook, direction=direction,
+                                     progress=False)
+        approx = patching.attribution_patch_resid(model, clean, corrupt, metric, tower="vision", hook=hook,
+                                                  direction=direction)
+        assert approx.shape == exact.shape
+        torch.testing.assert_close(approx[-1], exact[-1], atol=1e-5, rtol=1e-5)
+    for kw in ({}, {"by_position": True, "positions": [0, 3, 4]}):
+        exact = patching.patch_heads(model, clean, corrupt, metric, tower="vision", direction=direction,
+                                     normalize=True, progress=False, **kw)
+        approx = patching.attribution_patch_heads(model, clean, corrupt, metric, tower="vision",
+                                                  direction=direction, normalize=True, **kw)
+        assert approx.shape == exact.shape
+        torch.testing.assert_close(approx[-1], exact[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_attribution_correlates_with_exact_patching(vqa):
+    model, clean, corrupt, _, metric = vqa
+    for kw in ({"attention": "cross_attn"}, {"attention": "attn", "activation": "v"}):
+        exact = patching.patch_heads(model, clean, corrupt, metric, tower="text_encoder", progress=False, **kw)
+        approx = patching.attribution_patch_heads(model, clean, corrupt, metric, tower="text_encoder", **kw)
+        corr = torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1]
+        assert corr > 0.8, f"{kw}: correlation {corr:.3f}"
+    exact = patching.patch_resid(model, clean, corrupt, metric, tower="text_encoder", progress=False)
+    approx = patching.attribution_patch_resid(model, clean, corrupt, metric, tower="text_encoder")
+    assert torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1] > 0.8
+    assert all(p.grad is None for p in model.parameters())  # no gradient left on the user's parameters

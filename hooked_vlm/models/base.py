@@ -38,6 +38,7 @@ class HookedVLM(HookedRootModule):
     tower_names: tuple[str, ...] = ()
     processor: Any = None
     last_positions: Positions | None = None
+    image_embeddings_hook: str = ""  # where the image enters the text side (causal tracing noises it)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -162,6 +163,10 @@ class HookedVLM(HookedRootModule):
             target.resume_at = None
             for t in towers.values():
                 t.given_output = None
+
+    def image_embeddings_mask(self, positions: Positions) -> torch.Tensor | None:
+        """[B, T] positions of `image_embeddings_hook` that hold the image (None: all of them)."""
+        return None
 
     def set_fast_attention(self, enabled: bool) -> None:
         """Use `scaled_dot_product_attention` where no hook needs the pattern (default), or always the explicit

@@ -38,6 +38,8 @@ class BlipConfig:
 
 
 class _Blip(HookedVLM):
+    image_embeddings_hook = "vision.ln_post.hook_normalized"  # every vision token, as the text towers read them
+
     def __init__(self, cfg: BlipConfig):
         super().__init__()
         self.cfg = cfg
