@@ -16,7 +16,7 @@ def compare(candidates: dict[str, Callable[[], object]], *, repeats: int = 15, w
     """Time each candidate `repeats` times, interleaved; returns {name: {"median_ms", "min_ms"}}."""
     rng = random.Random(seed)
     names = list(candidates)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: a candidate may enable gradients (attribution patching)
         for _ in range(warmup):
             for name in names:
                 candidates[name]()
