@@ -1,0 +1,64 @@
+"""Dataset-level analyses built on the hook API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .hooks import NameFilter
+from .models.base import HookedVLM
+
+
+@torch.no_grad()
+def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook_names: NameFilter, *,
+                    over: str = "examples", mask_key: str | None = "attention_mask") -> dict[str, Tensor]:
+    """Stream the mean of activations over a data set without holding it: a running sum in float64 per hook.
+
+    `over="examples"`: the mean over examples, per position ([T, ...]; every batch must have the same length).
+    `over="tokens"`: the mean over examples and positions ([...], e.g. [H, d_head] for a `hook_z`, [D] for a
+    stream), counting only real tokens when the batch's `mask_key` mask has the hook's sequence length.
+    """
+    if over not in ("examples", "tokens"):
+        raise ValueError(f"over must be 'examples' or 'tokens', got {over!r}")
+    names = model.hook_names(hook_names)
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    for batch in batches:
+        mask = batch.get(mask_key) if mask_key else None
+
+        def accumulate(t: Tensor, hook: Any) -> None:
+            x = t.detach().double()
+            if over == "examples":
+                total, count = x.sum(0), torch.tensor(x.shape[0], dtype=torch.float64)
+            elif mask is not None and mask.shape[:2] == x.shape[:2]:
+                keep = mask.to(x.device).bool()
+                total, count = x[keep].sum(0), keep.sum().double()
+            else:
+                total, count = x.flatten(0, 1).sum(0), torch.tensor(x.shape[0] * x.shape[1], dtype=torch.float64)
+            if hook.name in sums and sums[hook.name].shape != total.shape:
+                raise ValueError(f"{hook.name} changed shape between batches ({tuple(sums[hook.name].shape)} vs "
+                                 f"{tuple(total.shape)}); pad every batch to one length or use over='tokens'")
+            sums[hook.name] = sums.get(hook.name, 0) + total
+            counts[hook.name] = counts.get(hook.name, 0) + count.to(total.device)
+
+        model.run_with_hooks(**batch, fwd_hooks=[(n, accumulate) for n in names])
+    if not sums:
+        raise ValueError("no batch was given")
+    return {n: (sums[n] / counts[n]).to(model.dtype) for n in names if n in sums}
+
+
+def select_heads(scores: Float[Tensor, "*examples n_layers n_heads"], k_std: float = 2.0
+                 ) -> list[tuple[int, int]]:
+    """Heads whose mean |score| (over leading example dimensions) is at least mean + k_std * std over all heads
+    (NOTICE's selection of important heads), as (layer, head), strongest first."""
+    magnitude = scores.abs()
+    while magnitude.ndim > 2:
+        magnitude = magnitude.mean(0)
+    threshold = magnitude.mean() + k_std * magnitude.std()
+    layers, heads = torch.nonzero(magnitude >= threshold, as_tuple=True)
+    order = magnitude[layers, heads].argsort(descending=True)
+    return [(int(layers[i]), int(heads[i])) for i in order]

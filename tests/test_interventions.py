@@ -1,0 +1,123 @@
+"""Head interventions and dataset means, against edits and means written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM, analysis, interventions
+from hooked_vlm.tiny import build_blip, random_image
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    hf, processor = build_blip("vqa", seed=9)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=[random_image(seed=i) for i in range(3)],
+                       text=["what color is the car", "how many cats", "is there a dog on the couch"],
+                       padding=True, return_tensors="pt")
+    return model, inputs
+
+
+def z_of(model, inputs, name):
+    with torch.no_grad():
+        return model.run_with_cache(**inputs, names_filter=name)[1][name]
+
+
+def run_edit(model, inputs, name, edit):
+    with torch.no_grad():
+        return model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda z, hook: edit(z.clone()))])
+
+
+@pytest.mark.parametrize("attention", ["attn", "cross_attn"])
+def test_zero_and_scale_equal_hand_edits(vqa, attention):
+    model, inputs = vqa
+    name = f"text_encoder.blocks.1.{attention}.hook_z"
+    hooks = interventions.ablate_heads(model, [(1, 0), (1, 2)], tower="text_encoder", attention=attention)
+    with torch.no_grad():
+        ours = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+
+    def zero(z):
+        z[:, :, [0, 2]] = 0
+        return z
+    torch.testing.assert_close(ours, run_edit(model, inputs, name, zero), atol=0, rtol=0)
+
+    hooks = interventions.scale_heads(model, {(1, 3): 0.5, (1, 1): 2.0, (0, 0): 0.0}, tower="text_encoder",
+                                      attention=attention)
+    with torch.no_grad():
+        ours = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+    first = name.replace("blocks.1", "blocks.0")
+
+    def scale(z):
+        z[:, :, 3] *= 0.5
+        z[:, :, 1] *= 2.0
+        return z
+
+    def zero_head0(z):
+        z[:, :, 0] = 0
+        return z
+    with torch.no_grad():
+        ref = model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda z, hook: scale(z.clone())),
+                                                        (first, lambda z, hook: zero_head0(z.clone()))])
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_mean_of_others_and_resample_by_hand(vqa):
+    model, inputs = vqa
+    name = "text_decoder.blocks.0.cross_attn.hook_z"
+    seen = {}
+    hooks = interventions.ablate_heads(model, [(0, 1)], mode="mean_of_others", tower="text_decoder",
+                                       attention="cross_attn")
+    with torch.no_grad():
+        model.run_with_hooks(**inputs, fwd_hooks=hooks + [(name, lambda z, hook: seen.setdefault("z", z))])
+    z = z_of(model, inputs, name)
+    torch.testing.assert_close(seen["z"][:, :, 1], z[:, :, [0, 2, 3]].mean(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(seen["z"][:, :, [0, 2, 3]], z[:, :, [0, 2, 3]], atol=0, rtol=0)
+
+    hooks = interventions.ablate_heads(model, [(0, 1)], mode="resample", tower="text_decoder",
+                                       attention="cross_attn", seed=3)
+    seen.clear()
+    with torch.no_grad():
+        model.run_with_hooks(**inputs, fwd_hooks=hooks + [(name, lambda z, hook: seen.setdefault("z", z))])
+    donors = [next(d for d in range(3) if torch.equal(seen["z"][b, :, 1], z[d, :, 1])) for b in range(3)]
+    assert sorted(donors) == [0, 1, 2] and all(d != b for b, d in enumerate(donors))
+
+
+def test_dataset_mean_and_mean_ablation(vqa):
+    model, inputs = vqa
+    name = "text_encoder.blocks.0.attn.hook_z"
+    batches = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(3)]
+    means = analysis.mean_activation(model, batches, [name], over="tokens")
+    z = z_of(model, inputs, name)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(means[name], z[real].mean(0), atol=1e-6, rtol=0)
+    per_position = analysis.mean_activation(model, [inputs, inputs], [name])
+    torch.testing.assert_close(per_position[name], z.mean(0), atol=1e-6, rtol=0)
+
+    hooks = interventions.ablate_heads(model, [(0, 2)], mode="mean", tower="text_encoder", means=means)
+    with torch.no_grad():
+        ours = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+
+    def set_mean(z):
+        z[:, :, 2] = means[name][2]
+        return z
+    torch.testing.assert_close(ours, run_edit(model, inputs, name, set_mean), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="analysis.mean_activation"):
+        interventions.ablate_heads(model, [(0, 2)], mode="mean", tower="text_encoder")
+    with pytest.raises(KeyError, match="no hook point"):
+        interventions.ablate_heads(model, [(7, 0)], tower="text_encoder")
+
+
+def test_head_interventions_during_generation(vqa):
+    model, inputs = vqa
+    hooks = interventions.ablate_heads(model, [(0, 0), (1, 3)], tower="text_decoder", attention="attn")
+    steered = model.generate(**inputs, max_new_tokens=4, fwd_hooks=hooks)
+    assert steered.shape[0] == 3 and not any(p.has_hooks for p in model.hook_dict.values())
+
+
+def test_select_heads():
+    scores = torch.zeros(4, 3, 5)
+    scores[:, 1, 2] = 5.0
+    scores[:, 2, 0] = -6.0
+    assert analysis.select_heads(scores, k_std=2) == [(2, 0), (1, 2)]
+    assert analysis.select_heads(scores[0], k_std=10) == []
