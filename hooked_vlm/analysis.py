@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .cache import ActivationCache
 from .hooks import NameFilter
 from .models.base import HookedVLM
 
@@ -62,3 +64,47 @@ def select_heads(scores: Float[Tensor, "*examples n_layers n_heads"], k_std: flo
     layers, heads = torch.nonzero(magnitude >= threshold, as_tuple=True)
     order = magnitude[layers, heads].argsort(descending=True)
     return [(int(layers[i]), int(heads[i])) for i in order]
+
+
+@dataclass
+class LogitLens:
+    """Top-k tokens of the unembedding applied to each layer's stream: `ids`, `probs` [n_layers, B, P, k] and the
+    token strings `tokens[layer][example][position][rank]`, at the sequence positions `positions` [B, P]."""
+
+    ids: Tensor
+    probs: Tensor
+    tokens: list
+    positions: Tensor
+
+
+@torch.no_grad()
+def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str, Any], *, tower: str,
+               positions: Sequence[int] | Tensor | None = None, k: int = 5) -> LogitLens:
+    """Per layer and position, the top-k next-token predictions read off the stream after that block
+    (`hook_resid_post`) through the tower's own output head (`tower.logits`: its final norm, applied once, and the
+    unembedding; BLIP's prediction-head transform). The last layer reproduces the model's logits.
+
+    `cache_or_inputs`: a cache holding the tower's `hook_resid_post` of every layer, or inputs to run."""
+    head = model.tower(tower)
+    if not hasattr(head, "logits") or not hasattr(head, "unembed"):
+        raise ValueError(f"tower {tower!r} has no output head to read a stream with; the logit lens applies to the "
+                         "towers that predict tokens")
+    n_layers = model.tower_info(tower).n_layers
+    names = [f"{tower}.blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    cache = cache_or_inputs
+    if not isinstance(cache, ActivationCache):
+        _, cache = model.run_with_cache(**cache_or_inputs, names_filter=names)
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's hook_resid_post of {tower!r}")
+    stream = torch.stack([cache[n] for n in names])  # [L, B, T, D]
+    B, T = stream.shape[1:3]
+    pos = torch.arange(T).expand(B, T) if positions is None else torch.as_tensor(positions, dtype=torch.long)
+    pos = pos.expand(B, -1) if pos.ndim == 1 else pos
+    picked = stream[:, torch.arange(B)[:, None], pos.to(stream.device)]  # [L, B, P, D]
+    probs = head.logits(picked.flatten(1, 2)).float().softmax(-1).view(*picked.shape[:3], -1)
+    top = probs.topk(k, dim=-1)
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    tokens = [[[tokenizer.convert_ids_to_tokens(row) for row in ex] for ex in layer] for layer in top.indices.tolist()] \
+        if tokenizer is not None else []
+    return LogitLens(top.indices, top.values, tokens, pos)

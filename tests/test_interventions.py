@@ -121,3 +121,22 @@ def test_select_heads():
     scores[:, 2, 0] = -6.0
     assert analysis.select_heads(scores, k_std=2) == [(2, 0), (1, 2)]
     assert analysis.select_heads(scores[0], k_std=10) == []
+
+
+def test_logit_lens_last_layer_equals_the_model(vqa):
+    model, inputs = vqa
+    answers = model.processor(text=["two red cars", "three", "yes there is"], padding=True, return_tensors="pt")
+    inputs = {**inputs, "decoder_input_ids": answers["input_ids"], "decoder_attention_mask": answers["attention_mask"]}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(**inputs)
+    lens = analysis.logit_lens(model, cache, tower="text_decoder", k=3)
+    T = answers["input_ids"].shape[1]
+    assert lens.ids.shape == (2, 3, T, 3) and len(lens.tokens[0][0][0]) == 3
+    top = logits.softmax(-1).topk(3, dim=-1)
+    torch.testing.assert_close(lens.probs[-1], top.values, atol=1e-6, rtol=0)
+    assert torch.equal(lens.ids[-1], top.indices)
+    assert lens.tokens[-1][0][0] == model.processor.tokenizer.convert_ids_to_tokens(top.indices[0, 0].tolist())
+    again = analysis.logit_lens(model, inputs, tower="text_decoder", positions=[0], k=3)
+    torch.testing.assert_close(again.probs, lens.probs[:, :, :1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no output head"):
+        analysis.logit_lens(model, cache, tower="text_encoder")
