@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import corruption
 from . import metrics as metrics_
 from .models.base import HookedVLM
 
@@ -45,17 +46,8 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
     run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [f"hook_{hook}"])
     pos = run.positions(positions, f"hook_{hook}")  # [B, P]
-    n_pos = pos.shape[1]
-
-    def patch(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
-        rows = torch.arange(act.shape[0], device=act.device)
-        p = pos[example, variant].to(act.device)
-        act = act.clone()
-        act[rows, p] = source[example, p].to(act.dtype)
-        return act
-
-    return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.hook_{hook}"], n_pos, patch, normalize, batch_size,
-                     progress)
+    return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.hook_{hook}"], pos.shape[1], _patch_position(pos),
+                     normalize, batch_size, progress)
 
 
 def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: metrics_.Metric, *,
@@ -142,30 +134,13 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
 
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(**inputs, names_filter=site)
-    clean_values = clean_cache[site]
-    mask = torch.ones(clean_values.shape[:2], dtype=torch.bool) if sites is None else sites
-    mask = mask.to(clean_values.device)[..., None].expand_as(clean_values)
-    scale = noise * clean_values[mask].float().std()
     results = []
     for sample in range(samples):
-        generator = torch.Generator().manual_seed(seed + sample)
-        draw = torch.randn(clean_values.shape, generator=generator).to(clean_values.device, clean_values.dtype)
-        offset = torch.where(mask, draw * scale, torch.zeros_like(draw))
-
-        def add_noise(t: Tensor, hook: Any, offset: Tensor = offset) -> Tensor:
-            return t + offset.repeat(t.shape[0] // offset.shape[0], *([1] * (t.ndim - 1)))
-
+        offset = corruption.gaussian_noise(clean_cache[site], noise, sites=sites, seed=seed + sample)
         run = _Runs(model, inputs, inputs, metric, tower, [leaf], clean_is_source=True,
-                    target_hooks=[(site, add_noise)])
+                    target_hooks=[corruption.add_hook(site, offset)])
         pos = run.positions(positions, leaf)
-
-        def restore(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
-            rows, p = torch.arange(act.shape[0], device=act.device), pos[example, variant].to(act.device)
-            act = act.clone()
-            act[rows, p] = source[example, p].to(act.dtype)
-            return act
-
-        results.append(run.sweep(cell_hooks, pos.shape[1], restore, normalize, batch_size, progress))
+        results.append(run.sweep(cell_hooks, pos.shape[1], _patch_position(pos), normalize, batch_size, progress))
     return torch.stack(results).mean(0)
 
 
@@ -388,6 +363,18 @@ class _Runs:
             bar.update(1)
         bar.close()
         return out
+
+
+def _patch_position(pos: Tensor) -> Patch:
+    """Variant v of example b takes the source's activation at position pos[b, v]."""
+
+    def patch(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
+        rows, p = torch.arange(act.shape[0], device=act.device), pos[example, variant].to(act.device)
+        act = act.clone()
+        act[rows, p] = source[example, p].to(act.dtype)
+        return act
+
+    return patch
 
 
 def _positions(positions: Sequence[int] | Tensor | None, B: int, length: int) -> Tensor:
