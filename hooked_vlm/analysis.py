@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import interventions, metrics, patching
 from .cache import ActivationCache
 from .hooks import NameFilter
 from .models.base import HookedVLM
@@ -108,3 +109,65 @@ def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str,
     tokens = [[[tokenizer.convert_ids_to_tokens(row) for row in ex] for ex in layer] for layer in top.indices.tolist()] \
         if tokenizer is not None else []
     return LogitLens(top.indices, top.values, tokens, pos)
+
+
+@dataclass
+class HeadScores:
+    """V-SEAM's head contributions (Wang et al. 2025), [n_layers, n_heads] each.
+
+    positive: mean over the examples the model answers correctly of ReLU(P_base - P_ablated): heads it needs.
+    negative: mean over the examples it answers wrongly of ReLU(P_ablated - P_base): heads that mislead it.
+    delta: mean over all examples of P_base - P_ablated (signed), what the rescaling uses.
+    """
+
+    positive: Tensor
+    negative: Tensor
+    delta: Tensor
+    correct: Tensor  # [B] bool: baseline argmax == answer
+
+    def positive_heads(self, k: int = 5) -> list[tuple[int, int]]:
+        return _top(self.positive, k)
+
+    def negative_heads(self, k: int = 5) -> list[tuple[int, int]]:
+        return _top(self.negative, k)
+
+
+def _top(scores: Tensor, k: int) -> list[tuple[int, int]]:
+    flat = torch.nan_to_num(scores, nan=float("-inf")).flatten()
+    idx = flat.topk(min(k, flat.numel())).indices
+    return [(int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in idx]
+
+
+def head_scores(model: HookedVLM, inputs: Mapping[str, Any], answer: metrics.TokenIds, *, tower: str = "lm",
+                attention: str = "attn", position: metrics.Position = -1, batch_size: int = 64,
+                progress: bool = True) -> HeadScores:
+    """Score every head by replacing its values with the mean of the other heads of its layer (V-SEAM's head
+    importance): the change of P(answer) at `position` (the first answer token; one id per example allowed),
+    split by whether the unablated model answers correctly. Fit on one split and evaluate the resulting
+    interventions (`rescaling_hooks`) on another."""
+    metric = metrics.prob(answer, position)
+    with torch.no_grad():
+        logits = model(**inputs)
+    examples = torch.arange(logits.shape[0], device=logits.device)
+    base = metric(logits, examples).float().cpu()  # [B]
+    predicted = metrics._select(logits, position, examples).argmax(-1)
+    correct = (predicted == metrics._per_row(answer, examples)).cpu()
+    ablated = patching.ablation_sweep(model, inputs, metric, tower=tower, attention=attention,
+                                      mode="mean_of_others", batch_size=batch_size, progress=progress)  # [L, H, B]
+    drop = base - ablated
+
+    def masked_mean(x: Tensor, keep: Tensor) -> Tensor:
+        return x[..., keep].mean(-1) if keep.any() else torch.full(x.shape[:-1], float("nan"))
+
+    return HeadScores(positive=masked_mean(drop.clamp(min=0), correct),
+                      negative=masked_mean((-drop).clamp(min=0), ~correct), delta=drop.mean(-1), correct=correct)
+
+
+def rescaling_hooks(model: HookedVLM, scores: HeadScores, *, lam: float = 1.0, tower: str = "lm",
+                    attention: str = "attn", low: float = 0.0, high: float = 2.0) -> list:
+    """V-SEAM's head rescaling as hooks: each head's values times clip(1 + lam * delta, low, high), where delta is
+    the head's signed drop of P(answer) when ablated (`HeadScores.delta`)."""
+    factors = (1 + lam * torch.nan_to_num(scores.delta)).clamp(low, high)
+    return interventions.scale_heads(model, {(layer, head): float(factors[layer, head])
+                                             for layer in range(factors.shape[0]) for head in range(factors.shape[1])},
+                                     tower=tower, attention=attention)

@@ -265,6 +265,35 @@ def _finish_attribution(cells: dict[int, Tensor], m_target: Tensor, attr: _Attri
     return out
 
 
+def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_.Metric, *, tower: str,
+                   attention: Literal["attn", "cross_attn"] = "attn",
+                   mode: Literal["zero", "mean_of_others"] = "mean_of_others", batch_size: int = 64,
+                   progress: bool = True) -> Float[Tensor, "n_layers n_heads B"]:
+    """For each head of `tower`'s self- or cross-attention, the metric of each example with that head's values
+    (`hook_z`, every position) replaced by zero or by the mean of the other heads of its layer (V-SEAM's "mean").
+    Per example, so callers can split examples (as `analysis.head_scores` does). The heads of a layer run stacked
+    along the batch, resumed at that layer, as in the patching sweeps."""
+    if mode not in ("zero", "mean_of_others"):
+        raise ValueError(f"mode must be 'zero' or 'mean_of_others', got {mode!r}")
+    _check_inputs(model, inputs, inputs)
+    leaf = f"{attention}.hook_z"
+    run = _Runs(model, inputs, None, metric, tower, [leaf], clean_is_source=True)
+    n_heads = run.source_act(leaf).shape[2]
+
+    def ablate(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
+        rows = torch.arange(act.shape[0], device=act.device)
+        act = act.clone()
+        if mode == "zero":
+            act[rows, :, variant] = 0
+        else:
+            others = (act.sum(dim=2) - act[rows, :, variant]) / (n_heads - 1)  # [N, T, d]
+            act[rows, :, variant] = others
+        return act
+
+    return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.{leaf}"], n_heads, ablate, False, batch_size, progress,
+                     per_example=True)
+
+
 # ---------------------------------------------------------------------------------------------- engine
 Patch = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (activation, source activation, variant, example)
 
@@ -277,7 +306,7 @@ class _Runs:
     must accept a batch holding several copies of the target batch.
     """
 
-    def __init__(self, model: HookedVLM, target: Mapping[str, Any], source: Mapping[str, Any],
+    def __init__(self, model: HookedVLM, target: Mapping[str, Any], source: Mapping[str, Any] | None,
                  metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
                  target_hooks: Sequence[tuple[str, Callable]] = ()):
         self.model, self.metric, self.tower = model, metric, tower
@@ -289,13 +318,16 @@ class _Runs:
             return name.startswith(f"{tower}.blocks.") and name.endswith(tuple("." + leaf for leaf in leaves))
 
         with torch.no_grad():
-            source_logits, self.source = model.run_with_cache(**source, names_filter=wanted)
+            if source is not None:
+                source_logits, self.source = model.run_with_cache(**source, names_filter=wanted)
             # the target run keeps what the resumed runs start from: the stream entering each block, the outputs
             # of the towers before this one, and the patched hooks (to check that lengths agree)
             with model.hooks(self.target_hooks):
                 target_logits, self.target_cache = model.run_with_cache(
                     **self.target, tower_outputs=True, names_filter=lambda n: wanted(n) or (
                         n.startswith(f"{tower}.blocks.") and n.endswith(".hook_resid_pre")))
+        if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
+            source_logits, self.source = target_logits, self.target_cache
         examples = torch.arange(self.B, device=target_logits.device)
         m_source, m_target = metric(source_logits, examples), metric(target_logits, examples)
         self.m_clean, self.m_corrupt = (m_source, m_target) if clean_is_source else (m_target, m_source)
@@ -330,12 +362,13 @@ class _Runs:
         return _positions(positions, self.B, source_len)
 
     def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
-              batch_size: int, progress: bool) -> Float[Tensor, "n_layers n_variants"]:
-        """For each layer, the mean metric of each variant, patched at the hooks `cell_hooks(layer)` (all in this
-        tower; the run resumes at the first of their blocks)."""
+              batch_size: int, progress: bool, per_example: bool = False
+              ) -> Float[Tensor, "n_layers n_variants *B"]:
+        """For each layer, the metric of each variant (mean over examples, or per example), patched at the hooks
+        `cell_hooks(layer)` (all in this tower; the run resumes at the first of their blocks)."""
         B = self.B
         per_chunk = max(1, batch_size // B)  # variants per forward
-        out = torch.full((self.n_layers, n_variants), float("nan"))
+        out = torch.full((self.n_layers, n_variants, B), float("nan"))
         layers = [layer for layer in range(self.n_layers)
                   if cell_hooks(layer) and all(name in self.source.keys() for name in cell_hooks(layer))]
         chunks = [(layer, start) for layer in layers for start in range(0, n_variants, per_chunk)]
@@ -359,10 +392,10 @@ class _Runs:
             values = self.metric(logits, example.to(logits.device)).float().view(n, B)
             if normalize:
                 values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
-            out[layer, start:start + n] = values.mean(dim=1).cpu()
+            out[layer, start:start + n] = values.cpu()
             bar.update(1)
         bar.close()
-        return out
+        return out if per_example else out.mean(dim=2)
 
 
 def _patch_position(pos: Tensor) -> Patch:

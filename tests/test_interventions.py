@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_vlm import HookedVLM, analysis, interventions
+from hooked_vlm import HookedVLM, analysis, interventions, metrics
 from hooked_vlm.tiny import build_blip, random_image
 
 
@@ -140,3 +140,41 @@ def test_logit_lens_last_layer_equals_the_model(vqa):
     torch.testing.assert_close(again.probs, lens.probs[:, :, :1], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="no output head"):
         analysis.logit_lens(model, cache, tower="text_encoder")
+
+
+def test_head_scores_equal_one_forward_per_head(vqa):
+    """V-SEAM scores against a loop with one forward per head, mean_of_others written out by hand."""
+    model, inputs = vqa
+    answer = torch.tensor([3, 7, 11])
+    with torch.no_grad():
+        logits = model(**inputs)
+    answer[0] = int(logits[0, -1].argmax())  # example 0 answered correctly, the others (very likely) not
+    scores = analysis.head_scores(model, inputs, answer, tower="text_encoder", attention="cross_attn",
+                                  batch_size=7, progress=False)
+    examples = torch.arange(3)
+    base = metrics.prob(answer)(logits, examples)
+    correct = logits[:, -1].argmax(-1) == answer
+    assert torch.equal(scores.correct, correct) and correct[0]
+    for layer in range(2):
+        name = f"text_encoder.blocks.{layer}.cross_attn.hook_z"
+        for head in range(4):
+            def mean_others(z, head=head):
+                others = [h for h in range(4) if h != head]
+                z[:, :, head] = z[:, :, others].mean(2)
+                return z
+            drop = base - metrics.prob(answer)(run_edit(model, inputs, name, mean_others), examples)
+            torch.testing.assert_close(scores.positive[layer, head], drop.clamp(min=0)[correct].mean(),
+                                       atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(scores.delta[layer, head], drop.mean(), atol=1e-6, rtol=1e-4)
+            if (~correct).any():
+                torch.testing.assert_close(scores.negative[layer, head], (-drop).clamp(min=0)[~correct].mean(),
+                                           atol=1e-6, rtol=1e-4)
+    hooks = analysis.rescaling_hooks(model, scores, lam=1.0, tower="text_encoder", attention="cross_attn")
+    factors = (1 + scores.delta).clamp(0, 2)
+    seen = {}
+    name = "text_encoder.blocks.0.cross_attn.hook_z"  # the first rescaled layer: its input is not yet changed
+    z = z_of(model, inputs, name)
+    with torch.no_grad():
+        model.run_with_hooks(**inputs, fwd_hooks=hooks + [(name, lambda t, hook: seen.setdefault("z", t))])
+    torch.testing.assert_close(seen["z"], z * factors[0][:, None], atol=1e-6, rtol=1e-6)
+    assert scores.positive_heads(2)[0] == tuple(int(i) for i in divmod(int(scores.positive.argmax()), 4))
