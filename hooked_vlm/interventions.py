@@ -6,7 +6,7 @@ self- (`attention="attn"`) or cross-attention of any tower.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -99,3 +99,88 @@ def scale_heads(model: HookedVLM, factors: Mapping[Head, float], *, tower: str =
 
         hooks.append((name, hook))
     return hooks
+
+
+Positions = Sequence[int] | Sequence[Sequence[int]] | Tensor
+
+
+def _position_mask(positions: Positions, batch: int, length: int, device: torch.device) -> Tensor:
+    """[batch, length] bool from shared positions, per-example lists, or a [batch, P] tensor. Negative positions
+    count from the end; positions past the end (a prompt position while the sequence is still shorter) mark
+    nothing."""
+    def mark(row: Tensor, p: Any) -> None:
+        p = torch.as_tensor(p, dtype=torch.long, device=device).flatten()
+        p = torch.where(p < 0, p + length, p)
+        row[p[(p >= 0) & (p < length)]] = True
+
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    if isinstance(positions, Tensor) and positions.ndim == 2 or (
+            not isinstance(positions, Tensor) and len(positions) and not isinstance(positions[0], int)):
+        if len(positions) != batch:
+            raise ValueError(f"positions are given for {len(positions)} examples, but the batch has {batch}")
+        for b, row in enumerate(positions):
+            mark(mask[b], row)
+    else:
+        for b in range(batch):
+            mark(mask[b], positions)
+    return mask
+
+
+def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions: Positions,
+                       layers: Iterable[int], *, tower: str = "lm", attention: Literal["attn", "cross_attn"] = "attn",
+                       heads: Iterable[int] | None = None) -> list[HookSpec]:
+    """Hooks that stop queries at `from_positions` from attending to keys at `to_positions` in `layers` (for
+    example a window such as range(5, 15)): those pre-softmax scores become minus infinity, so the blocked pattern
+    entries are exactly 0 and the rest renormalise, whatever the padding.
+
+    Positions are absolute in the tower's sequence (queries) and in the attended sequence (keys; for a
+    cross-attention, the image or encoder tokens): shared lists, one list per example, or [B, P] tensors. While
+    generating, the new tokens' positions continue the prompt's (`Tower.position_offset`). Hooking the scores runs
+    these layers' attention on the explicit path; results do not depend on `set_fast_attention`. A query must keep
+    at least one key.
+    """
+    head_index = None if heads is None else list(heads)
+    target = model.tower(tower)
+    hooks = []
+    for layer in layers:
+        name = f"{tower}.blocks.{layer}.{attention}.hook_attn_scores"
+        model.hook_names(name)
+
+        def hook(scores: Tensor, hook: Any) -> Tensor:
+            B, H, T, S = scores.shape
+            offset = target.position_offset  # the queries are this tower's tokens, also in a cross-attention
+            queries = _position_mask(from_positions, B, offset + T, scores.device)[:, offset:]
+            keys = _position_mask(to_positions, B, S, scores.device)
+            blocked = queries[:, None, :, None] & keys[:, None, None, :]  # [B, 1, T, S]
+            if head_index is not None:
+                only = torch.zeros(H, dtype=torch.bool, device=scores.device)
+                only[head_index] = True
+                blocked = blocked & only[None, :, None, None]
+            return scores.masked_fill(blocked, float("-inf"))
+
+        hooks.append((name, hook))
+    return hooks
+
+
+def replace_positions(model: HookedVLM, hook_name: str, positions: Positions, value: Tensor | float = 0.0, *,
+                      prefill_only: bool = False) -> HookSpec:
+    """A hook setting the activation of `hook_name` ([B, T, ...], a stream or embedding hook) at `positions` to
+    `value`: a vector broadcast over them (a dataset mean from `analysis.mean_activation` for mean ablation, as
+    Neo et al. ablate visual tokens) or a number.
+
+    Positions are absolute in the hook's tower sequence (shared, one list per example, or [B, P]; negative from the
+    end). While generating, each new token has the next position; with `prefill_only` only the prompt's forward is
+    edited, not the generation steps after it.
+    """
+    model.hook_names(hook_name)
+    tower = model.tower(hook_name.split(".")[0])
+
+    def hook(t: Tensor, hook: Any) -> Tensor | None:
+        offset = tower.position_offset
+        if prefill_only and offset > 0:
+            return None
+        where = _position_mask(positions, t.shape[0], offset + t.shape[1], t.device)[:, offset:]
+        where = where.reshape(*where.shape, *([1] * (t.ndim - 2)))
+        return torch.where(where, torch.as_tensor(value, dtype=t.dtype, device=t.device), t)
+
+    return hook_name, hook

@@ -178,3 +178,100 @@ def test_head_scores_equal_one_forward_per_head(vqa):
         model.run_with_hooks(**inputs, fwd_hooks=hooks + [(name, lambda t, hook: seen.setdefault("z", t))])
     torch.testing.assert_close(seen["z"], z * factors[0][:, None], atol=1e-6, rtol=1e-6)
     assert scores.positive_heads(2)[0] == tuple(int(i) for i in divmod(int(scores.positive.argmax()), 4))
+
+
+# ------------------------------------------------------------------------------------------ attention knockout
+@pytest.mark.parametrize("fast", [True, False])
+def test_knockout_equals_minus_infinity_reference(vqa, fast):
+    """Same result on either attention path as scores set to minus infinity by hand (padded batch)."""
+    model, inputs = vqa
+    T = inputs["input_ids"].shape[1]
+    blocked = torch.zeros(1, 1, T, T, dtype=torch.bool)
+    blocked[..., [1, 2], :] = True
+    blocked[..., [t for t in range(T) if t not in (0, 4)]] = False  # from positions 1, 2 to positions 0, 4
+    reference = [(f"text_encoder.blocks.{L}.attn.hook_attn_scores",
+                  lambda s, hook: s.masked_fill(blocked, float("-inf"))) for L in (0, 1)]
+    model.set_fast_attention(fast)
+    try:
+        hooks = interventions.attention_knockout(model, [1, 2], [0, 4], layers=[0, 1], tower="text_encoder")
+        with torch.no_grad():
+            ours = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+            ref = model.run_with_hooks(**inputs, fwd_hooks=reference)
+        torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    finally:
+        model.set_fast_attention(True)
+
+
+def test_knockout_patterns_and_edge_cases(vqa):
+    model, inputs = vqa
+    pattern = "text_encoder.blocks.0.cross_attn.hook_pattern"
+    per_example = [[0], [1, 2], [3]]
+    hooks = interventions.attention_knockout(model, per_example, [0, 5, 6], layers=[0], tower="text_encoder",
+                                             attention="cross_attn")
+    with torch.no_grad(), model.hooks(hooks):
+        _, cache = model.run_with_cache(**inputs, names_filter=pattern)
+    p = cache[pattern]
+    for b, rows in enumerate(per_example):
+        assert torch.all(p[b][:, rows][..., [0, 5, 6]] == 0)
+        others = [t for t in range(p.shape[2]) if t not in rows]
+        assert torch.all(p[b][:, others][..., [0, 5, 6]] > 0)
+    torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-6, rtol=0)
+
+    with torch.no_grad():
+        clean = model(**inputs)
+        nothing = model.run_with_hooks(**inputs, fwd_hooks=interventions.attention_knockout(
+            model, [], [0], layers=[0, 1], tower="text_encoder"))
+    torch.testing.assert_close(nothing, clean, atol=1e-5, rtol=0)  # only the attention path differs
+
+    # a token that may attend to nothing but itself does exactly that
+    T = inputs["input_ids"].shape[1]
+    self_only = "text_encoder.blocks.1.attn.hook_pattern"
+    hooks = interventions.attention_knockout(model, [2], [t for t in range(T) if t != 2], layers=[1],
+                                             tower="text_encoder")
+    with torch.no_grad(), model.hooks(hooks):
+        _, cache = model.run_with_cache(**inputs, names_filter=self_only)
+    assert torch.all(cache[self_only][:, :, 2, 2] == 1)
+
+
+def test_knockout_during_generation_uses_absolute_positions(vqa):
+    model, inputs = vqa
+    # block the decoder's second token ([DEC] is position 0) from attending to [DEC], at every step
+    hooks = interventions.attention_knockout(model, [1], [0], layers=[0, 1], tower="text_decoder")
+    seen = []
+    steered = model.generate(**inputs, max_new_tokens=3, fwd_hooks=hooks + [
+        ("text_decoder.blocks.0.attn.hook_pattern", lambda t, hook: seen.append(t[:, :, -1].clone()))])
+    assert seen[1].shape[-1] == 2 and torch.all(seen[1][..., 0] == 0)  # step 2: the query at position 1
+    assert torch.all(seen[2][..., 0] > 0)  # step 3: position 2 is not blocked
+    prompt = {**inputs, "decoder_input_ids": steered[:, :3]}
+    with torch.no_grad():
+        ref = model.run_with_hooks(**prompt, fwd_hooks=hooks)
+    running = steered[:, 1] != model.cfg.sep_token_id  # rows that had not ended after their first token
+    assert torch.equal(ref[:, 0].argmax(-1), steered[:, 1])
+    assert torch.equal(ref[running, 1].argmax(-1), steered[running, 2])
+
+
+def test_replace_positions_prefill_and_generation(vqa):
+    model, inputs = vqa
+    name = "text_encoder.blocks.0.hook_resid_post"
+    mean = analysis.mean_activation(model, [inputs], [name], over="tokens")[name]
+    per_example = [[1], [2, 3], [0]]
+    hook = interventions.replace_positions(model, name, per_example, mean)
+    seen = {}
+    with torch.no_grad():
+        model.run_with_hooks(**inputs, fwd_hooks=[hook, (name, lambda t, hook: seen.setdefault("x", t))])
+        _, cache = model.run_with_cache(**inputs, names_filter=name)
+    for b, rows in enumerate(per_example):
+        others = [t for t in range(seen["x"].shape[1]) if t not in rows]
+        assert torch.equal(seen["x"][b, rows], mean.expand(len(rows), -1))
+        assert torch.equal(seen["x"][b, others], cache[name][b, others])
+
+    # in the decoder while generating: prefill only, or every step's token at position -1
+    dec = "text_decoder.blocks.0.hook_resid_pre"
+    for prefill_only, expected_edits in ((True, 1), (False, 4)):
+        edits = []
+
+        def count(t, hook):
+            edits.append(bool((t == 0).all(-1).any()))
+        model.generate(**inputs, max_new_tokens=3, fwd_hooks=[
+            interventions.replace_positions(model, dec, [-1], 0.0, prefill_only=prefill_only), (dec, count)])
+        assert sum(edits) == min(expected_edits, len(edits))

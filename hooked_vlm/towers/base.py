@@ -14,6 +14,9 @@ class Tower(nn.Module):
         self.resume_at: tuple[int, Tensor] | None = None  # (block, stream entering it): skip what comes before
         self.recorded_output: Tensor | None = None  # set on every forward while `record_output` is on
         self.record_output = False
+        # absolute position of the current forward's first token: 0, or while generating with a KV cache the
+        # number of tokens already processed (hooks that address positions read it, e.g. attention knockout)
+        self.position_offset = 0
 
     def start(self) -> tuple[int, Float[Tensor, "B T D"] | None]:
         """(first block to run, its input); (0, None) unless resuming: then the tower skips its embeddings."""

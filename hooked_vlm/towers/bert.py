@@ -92,6 +92,7 @@ class TextTower(Tower):
                              "was trained with; shorten it")
         if attention_mask is None:
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
+        self.position_offset = start
         first, x = self.start()
         if x is None:
             if positions is None:
