@@ -1,0 +1,45 @@
+"""Shared by the example scripts: model loading (tiny offline model by default) and argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from hooked_vlm import HookedVLM
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=None, help="a hub id or local directory; default: the embedded tiny model")
+    p.add_argument("--out", type=Path, default=Path("examples/out") / default_out, help="where figures go")
+    p.add_argument("--pairs", type=int, default=4, help="number of synthetic minimal pairs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def load(model_name: str | None, tiny: str, device: str) -> HookedVLM:
+    """The named checkpoint, or a tiny random model built offline (`tiny`: blip-vqa, llava, instructblip)."""
+    if model_name:
+        return HookedVLM.from_pretrained(model_name, device=device)
+    from hooked_vlm import tiny as builders
+
+    if tiny == "blip-vqa":
+        hf, processor = builders.build_blip("vqa", seed=0, image_size=64, patch=16)
+    else:
+        raise ValueError(f"no tiny model {tiny!r}")
+    print(f"(using a tiny {tiny} with RANDOM weights built offline: the numbers show the pipeline, not a finding)")
+    return HookedVLM.from_hf(hf, processor=processor, device=device)
+
+
+def first_token(tokenizer, word: str) -> int:
+    """The first sub-word of `word` as the model would generate it (BLIP-VQA answers' first token)."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{word!r} tokenizes to nothing")
+    return ids[0]
+
+
+def to(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -1,0 +1,80 @@
+"""NOTICE (Golovanevsky et al., NAACL 2025) on BLIP-VQA: noise-free corruption and head patching.
+
+- SIP, semantic image pairs: the same question about two images differing in one attribute (here: drawn scenes
+  whose shape changes colour); patch each question-encoder cross-attention head from the clean into the
+  corrupted run, and each layer x position of the stream.
+- STR, symmetric token replacement: the same image with one question word swapped for one of equal token length.
+- "Universal" heads: heads whose mean |effect| over examples is at least mean + 2 std, and the cross-attention of
+  the strongest one drawn over the image's patch grid.
+
+    python examples/notice.py [--model Salesforce/blip-vqa-base] [--pairs 4]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from _common import first_token, load, parser, to
+from hooked_vlm import analysis, corruption, metrics, patching, plot
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__.split("\n\n")[0], "notice").parse_args(argv)
+    model = load(args.model, "blip-vqa", args.device)
+    processor, tok = model.processor, model.processor.tokenizer
+    pairs = corruption.synthetic_pairs(args.pairs, "color", seed=1)
+
+    # SIP: one sweep per pair (NOTICE keeps per-example maps to find heads that matter across examples)
+    per_pair = []
+    for pair in pairs:
+        clean, corrupt = (to(x, args.device) for x in pair.inputs(processor))
+        metric = metrics.logit_diff(first_token(tok, pair.answer), first_token(tok, pair.wrong_answer))
+        per_pair.append(patching.patch_heads(model, clean, corrupt, metric, tower="text_encoder",
+                                             attention="cross_attn", normalize=True, progress=False))
+    heads = torch.stack(per_pair)  # [pairs, layers, heads]
+    plot.heatmap(heads.mean(0), args.out / "sip_cross_attention_heads.png", xlabel="head",
+                 title="SIP: question-encoder cross-attention heads (normalised logit diff)")
+    universal = analysis.select_heads(heads, k_std=2)
+    print(f"SIP universal cross-attention heads (mean |effect| >= mean + 2 std): {universal}")
+
+    clean, corrupt = (to(x, args.device) for x in pairs[0].inputs(processor))
+    metric = metrics.logit_diff(first_token(tok, pairs[0].answer), first_token(tok, pairs[0].wrong_answer))
+    stream = patching.patch_resid(model, clean, corrupt, metric, tower="text_encoder", hook="resid_post",
+                                  normalize=True, progress=False)
+    tokens = tok.convert_ids_to_tokens(clean["input_ids"][0])
+    plot.heatmap(stream, args.out / "sip_stream.png", xlabel="question token", xticklabels=tokens,
+                 title="SIP: question-encoder stream (resid_post) patched per layer and position")
+
+    # STR: swap the colour word of a yes/no question; token counts are checked to be equal
+    image = pairs[0].clean_image
+    colour, other = pairs[0].answer, pairs[0].wrong_answer
+    clean, corrupt = corruption.symmetric_token_replacement(processor, f"is the shape {colour}?", {colour: other},
+                                                            images=image)
+    clean, corrupt = (to(x, args.device) for x in (clean, corrupt))
+    yes_no = metrics.logit_diff(first_token(tok, "yes"), first_token(tok, "no"))
+    str_heads = patching.patch_heads(model, clean, corrupt, yes_no, tower="text_encoder", attention="attn",
+                                     normalize=True, progress=False)
+    plot.heatmap(str_heads, args.out / "str_self_attention_heads.png", xlabel="head",
+                 title="STR: question-encoder self-attention heads (normalised yes-no logit diff)")
+
+    # the strongest SIP head's cross-attention from the last question token, minus the mean over heads and
+    # layers, over the patch grid (class token dropped)
+    layer, head = universal[0] if universal else divmod(int(heads.abs().mean(0).argmax()), heads.shape[-1])
+    inputs = to(pairs[0].inputs(processor)[0], args.device)
+    _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith("cross_attn.hook_pattern")
+                                    and n.startswith("text_encoder"))
+    last = int(cache.positions.last[0])
+    patterns = torch.stack([cache["text_encoder", i, "cross_attn.pattern"][0, :, last, 1:]
+                            for i in range(model.tower_info("text_encoder").n_layers)])  # [L, H, N]
+    overlay = patterns[layer, head] - patterns.mean((0, 1))
+    size = model.cfg.vision.image_size
+    plot.patch_overlay(pairs[0].clean_image.resize((size, size)), overlay, args.out / "top_head_overlay.png",
+                       title=f"L{layer}H{head} cross-attention minus the mean head")
+    print(f"figures in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

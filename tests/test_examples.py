@@ -1,0 +1,27 @@
+"""Each paper's example script runs end to end on the embedded tiny models and writes its figures."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("name,figures", [
+    ("blip_causal_tracing", ["encoder_resid.png", "encoder_attn_w3.png", "encoder_cross_attn_w3.png",
+                             "decoder_resid.png"]),
+    ("notice", ["sip_cross_attention_heads.png", "sip_stream.png", "str_self_attention_heads.png",
+                "top_head_overlay.png"]),
+])
+def test_example_runs(name, figures, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module(name)
+    assert module.main(["--out", str(tmp_path), "--pairs", "2", "--device", "cpu"]) == 0
+    for figure in figures:
+        assert (tmp_path / figure).stat().st_size > 1000, figure
+    sys.modules.pop(name, None)
