@@ -124,43 +124,36 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
         raise ValueError(f"window and samples must be >= 1, got window={window}, samples={samples}")
     _check_inputs(model, inputs, inputs)
     metric = target if callable(target) else metrics_.prob(target, position)
-    site, sites = _noise_sites(model, inputs, tower, corrupt)
     leaf = TRACE_KINDS[kind]
     n_layers = model.tower_info(tower).n_layers
+    site = model.image_embeddings_hook if isinstance(corrupt, str) else f"{tower}.hook_embed"
+    if isinstance(corrupt, str) and corrupt != "image":
+        raise ValueError(f"corrupt must be 'image' or positions, got {corrupt!r}")
+    if site not in model.hook_dict:
+        raise ValueError(f"{site} is not a hook of this model: nothing to add noise to")
 
     def cell_hooks(layer: int) -> list[str]:
         span = range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
         return [name for name in (f"{tower}.blocks.{i}.{leaf}" for i in span) if name in model.hook_dict]
 
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(**inputs, names_filter=site)
+    with torch.no_grad():  # the clean run, shared by every sample: the values to restore and to scale the noise by
+        clean_run = model.run_with_cache(**inputs, names_filter=lambda n: n == site or (
+            n.startswith(f"{tower}.blocks.") and n.endswith("." + leaf)))
+    values = clean_run[1][site]
+    if isinstance(corrupt, str):
+        sites = model.image_embeddings_mask(clean_run[1].positions)
+    else:
+        pos = _positions(corrupt, values.shape[0], values.shape[1])
+        sites = torch.zeros(values.shape[:2], dtype=torch.bool)
+        sites[torch.arange(values.shape[0])[:, None], pos] = True
     results = []
     for sample in range(samples):
-        offset = corruption.gaussian_noise(clean_cache[site], noise, sites=sites, seed=seed + sample)
-        run = _Runs(model, inputs, inputs, metric, tower, [leaf], clean_is_source=True,
+        offset = corruption.gaussian_noise(values, noise, sites=sites, seed=seed + sample)
+        run = _Runs(model, inputs, clean_run, metric, tower, [leaf], clean_is_source=True,
                     target_hooks=[corruption.add_hook(site, offset)])
         pos = run.positions(positions, leaf)
         results.append(run.sweep(cell_hooks, pos.shape[1], _patch_position(pos), normalize, batch_size, progress))
     return torch.stack(results).mean(0)
-
-
-def _noise_sites(model: HookedVLM, inputs: Mapping[str, Any], tower: str,
-                 corrupt: str | Sequence[int] | Tensor) -> tuple[str, Tensor | None]:
-    """The hook to add noise at and the [B, T] positions there (None: all)."""
-    if isinstance(corrupt, str):
-        if corrupt != "image":
-            raise ValueError(f"corrupt must be 'image' or positions, got {corrupt!r}")
-        with torch.no_grad():
-            model(**inputs)  # the image tokens' positions come from this input's forward
-        return model.image_embeddings_hook, model.image_embeddings_mask(model.last_positions)
-    site = f"{tower}.hook_embed"
-    if site not in model.hook_dict:
-        raise ValueError(f"tower {tower!r} has no token embeddings ({site}) to corrupt")
-    B, T = inputs["input_ids"].shape
-    pos = _positions(corrupt, B, T)
-    sites = torch.zeros(B, T, dtype=torch.bool)
-    sites[torch.arange(B)[:, None], pos] = True
-    return site, sites
 
 
 def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
@@ -299,14 +292,16 @@ Patch = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (activation, sourc
 
 
 class _Runs:
-    """One sweep: the source run (values to patch in) and the target run (the one patched), done once each, and
-    the resumed runs of its cells.
+    """One sweep: the source run (values to patch in; given as inputs, as a finished `(logits, cache)` run, or
+    None for an ablation sweep) and the target run (the one patched), done once each, and the resumed runs of its
+    cells.
 
     `target_hooks` corrupt the target run (causal tracing's noise); they also run in the resumed runs, where they
     must accept a batch holding several copies of the target batch.
     """
 
-    def __init__(self, model: HookedVLM, target: Mapping[str, Any], source: Mapping[str, Any] | None,
+    def __init__(self, model: HookedVLM, target: Mapping[str, Any],
+                 source: Mapping[str, Any] | tuple[Tensor, Any] | None,
                  metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
                  target_hooks: Sequence[tuple[str, Callable]] = ()):
         self.model, self.metric, self.tower = model, metric, tower
@@ -318,7 +313,9 @@ class _Runs:
             return name.startswith(f"{tower}.blocks.") and name.endswith(tuple("." + leaf for leaf in leaves))
 
         with torch.no_grad():
-            if source is not None:
+            if isinstance(source, tuple):  # a run the caller already made (its cache must hold the leaves)
+                source_logits, self.source = source
+            elif source is not None:
                 source_logits, self.source = model.run_with_cache(**source, names_filter=wanted)
             # the target run keeps what the resumed runs start from: the stream entering each block, the outputs
             # of the towers before this one, and the patched hooks (to check that lengths agree)
