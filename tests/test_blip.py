@@ -267,3 +267,20 @@ def test_other_sizes_match_hf(kind, cfg):
         ref = hf_logits(kind, hf, inputs)
         keep = real_positions(kind, inputs, ref)
         torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4 if fast else 1e-5, rtol=0)
+
+
+def test_left_padded_decoder_in_half_precision_stays_finite():
+    """A left pad under a causal mask may attend to nothing; in float16 its row must not turn into NaN that then
+    leaks into the real tokens through the values."""
+    hf, processor = build_blip("vqa", seed=4)
+    model = HookedVLM.from_hf(hf, dtype=torch.float16)
+    with torch.no_grad():  # large scores: finfo.min plus a negative score overflows to -inf in float16
+        for block in model.text_decoder.blocks:
+            block.attn.qkv_weight[:64] *= 300
+    model.set_fast_attention(False)  # the explicit path adds the mask to the scores in float16
+    inputs = processor(images=IMAGES, text=QUESTIONS, padding=True, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    dec = torch.tensor([[0, 0, hf.config.text_config.bos_token_id, 7], [hf.config.text_config.bos_token_id, 5, 7, 9]])
+    with torch.no_grad():
+        out = model(**inputs, decoder_input_ids=dec, decoder_attention_mask=(dec != 0).long())
+    assert torch.isfinite(out).all()

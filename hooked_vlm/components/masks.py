@@ -1,7 +1,7 @@
 """Additive attention masks, built once per tower forward and shared by its blocks.
 
-Masked entries hold the dtype's most negative finite value, as HF's eager attention does (a fully masked row then
-becomes uniform instead of NaN). Pad positions are never meaningful outputs; compare only real tokens.
+Masked entries hold the dtype's most negative finite value, as HF's eager attention does. Pad positions are never
+meaningful outputs; compare only real tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from torch import Tensor
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    # A query that may attend to nothing (a left pad under a causal mask) is let attend to everything instead: its
+    # output is never used, and in half precision a row of finfo.min plus negative scores overflows to -inf,
+    # whose softmax is NaN, and 0 * NaN would then spread into real rows through the values.
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
