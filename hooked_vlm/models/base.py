@@ -39,6 +39,8 @@ class HookedVLM(HookedRootModule):
     processor: Any = None
     last_positions: Positions | None = None
     image_embeddings_hook: str = ""  # where the image enters the text side (causal tracing noises it)
+    prompt_tower: str = ""  # the tower reading the prompt's tokens: the sequence `last_positions` describes
+    output_tower: str = ""  # the tower whose head predicts tokens (logit lens), if any
 
     # ------------------------------------------------------------------ loading
     @classmethod

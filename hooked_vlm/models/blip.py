@@ -71,6 +71,7 @@ class HookedBlipCaptioning(_Blip):
     """`BlipForConditionalGeneration`: towers `vision`, `text_decoder`."""
 
     tower_names = ("vision", "text_decoder")
+    prompt_tower = output_tower = "text_decoder"
 
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
@@ -116,6 +117,7 @@ class HookedBlipVQA(_Blip):
     """`BlipForQuestionAnswering`: towers `vision`, `text_encoder` (the question), `text_decoder` (the answer)."""
 
     tower_names = ("vision", "text_encoder", "text_decoder")
+    prompt_tower, output_tower = "text_encoder", "text_decoder"
 
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
@@ -164,6 +166,7 @@ class HookedBlipITM(_Blip):
     """`BlipForImageTextRetrieval`: towers `vision`, `text_encoder`; the ITM head or the contrastive projections."""
 
     tower_names = ("vision", "text_encoder")
+    prompt_tower = "text_encoder"
 
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
