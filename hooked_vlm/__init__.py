@@ -4,9 +4,9 @@ stream, attention pattern and head, numerically equal to transformers."""
 from . import analysis, corruption, interventions, metrics, patching  # noqa: F401  (public modules)
 from .cache import ActivationCache
 from .hooks import HookedRootModule, HookPoint
-from .models import HookedBlipCaptioning, HookedBlipITM, HookedBlipVQA, HookedVLM
+from .models import HookedBlipCaptioning, HookedBlipITM, HookedBlipVQA, HookedInstructBlip, HookedLlava, HookedVLM
 from .positions import ImageSpan, Positions
 
 __all__ = ["ActivationCache", "HookedRootModule", "HookPoint", "HookedVLM", "HookedBlipCaptioning",
-           "HookedBlipITM", "HookedBlipVQA", "ImageSpan", "Positions"]
+           "HookedBlipITM", "HookedBlipVQA", "HookedInstructBlip", "HookedLlava", "ImageSpan", "Positions"]
 __version__ = "0.1.0"

@@ -41,6 +41,9 @@ class Positions:
     input_ids: Int[Tensor, "B T"]
     attention_mask: Int[Tensor, "B T"]
     image: list[list[ImageSpan]] = field(default_factory=list)
+    # positions in the sequences of other towers, by tower name (InstructBLIP: "qformer", whose learned queries are
+    # its image span and whose input_ids hold -1 there; T5: "lm_decoder")
+    towers: dict[str, "Positions"] = field(default_factory=dict)
 
     @property
     def last(self) -> Int[Tensor, "B"]:
@@ -61,20 +64,32 @@ class Positions:
         return out
 
     def find(self, tokenizer, phrase: str, example: int = 0, occurrence: int = 0) -> Tensor:
-        """Positions of the tokens of `phrase` in example `example`'s prompt (its `occurrence`-th match).
+        """Positions of the tokens that spell `phrase` in example `example`'s prompt (its `occurrence`-th match).
 
-        The phrase is tokenized as it would be inside a sentence (with a leading space), then matched token by
-        token; an error lists the prompt's tokens if it is not there.
+        Tries the phrase's own tokens first (as inside a sentence, with a leading space, then without); if the
+        tokenizer merged it with its neighbours ("picture?" as one token), the tokens whose text overlaps the
+        phrase in the decoded prompt. An error lists the prompt's tokens if it is not there.
         """
         ids = self.input_ids[example].tolist()
-        tried = []
         for variant in (" " + phrase.strip(), phrase.strip()):
             target = tokenizer(variant, add_special_tokens=False)["input_ids"]
-            tried.append(target)
             matches = [i for i in range(len(ids) - len(target) + 1) if target and ids[i:i + len(target)] == target]
             if len(matches) > occurrence:
-                start = matches[occurrence]
-                return torch.arange(start, start + len(target))
+                return torch.arange(matches[occurrence], matches[occurrence] + len(target))
+        # character level: where each token's text ends in the decoded prompt
+        ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+        text = tokenizer.decode(ids)
+        start = -1
+        for _ in range(occurrence + 1):
+            start = text.find(phrase.strip(), start + 1)
+            if start < 0:
+                break
+        if start >= 0:
+            stop = start + len(phrase.strip())
+            begins = [0] + ends[:-1]
+            hits = [i for i, (b, e) in enumerate(zip(begins, ends)) if b < stop and e > start]
+            if hits:
+                return torch.tensor(hits)
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(f"{phrase!r} (token ids {tried}) does not occur {occurrence + 1} time(s) in example "
-                         f"{example}, whose tokens are {tokens}")
+        raise ValueError(f"{phrase!r} does not occur {occurrence + 1} time(s) in example {example}, whose tokens "
+                         f"are {tokens}")

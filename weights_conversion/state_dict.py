@@ -25,8 +25,14 @@ class SourceWeights:
     def drop(self, key: str, same_as: str | None = None) -> None:
         """Mark a key as deliberately unused: an alias of a tied tensor (`same_as`, checked) or unused by design."""
         tensor = self.take(key)
-        if same_as is not None and not torch.equal(tensor, self.state[same_as]):
+        if same_as is not None and not tensor.is_meta and not torch.equal(tensor, self.state[same_as]):
             raise ValueError(f"{self.source}: {key} was expected to be tied to {same_as}, but they differ")
+
+    def drop_prefix(self, prefix: str) -> list[str]:
+        """Mark every key under `prefix` as unused by design (say why at the call); returns them."""
+        keys = [k for k in self.state if k.startswith(prefix)]
+        self.used.update(keys)
+        return keys
 
     def copy(self, table: Mapping[str, str], dst_prefix: str = "", src_prefix: str = "") -> None:
         """Copy tensors as they are: {destination name: source name} under the two prefixes."""

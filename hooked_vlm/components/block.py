@@ -7,6 +7,10 @@
 
 Sub-layer outputs (`hook_attn_out`, `hook_cross_attn_out`, `hook_mlp_out`) are what is added to the stream, in
 both layouts; in a post-LN block the stream hooks hold the normalised stream that the next sub-layer reads.
+
+Q-Former variant (`n_query`): only the first n_query tokens go through the cross-attention (`hook_cross_attn_out`
+[B, n_query, D]; `hook_resid_mid_cross` is the whole stream, the other rows unchanged), and the tokens after them go
+through a second MLP `mlp_text` and its own norm (`ln_mlp_text`); `hook_mlp_out` holds both MLPs' outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -34,6 +39,9 @@ class BlockConfig:
     norm: NormConfig
     layout: Literal["pre", "post"] = "pre"
     cross_attn: AttnConfig | None = None  # None: the block has no cross-attention
+    # Q-Former: the first `n_query` tokens (the learned queries) alone cross-attend and go through `mlp`; the tokens
+    # after them (the instruction) go through a second MLP `mlp_text` with its own norm. None: one MLP for all.
+    n_query: int | None = None
 
 
 @dataclass
@@ -73,12 +81,19 @@ class Block(nn.Module):
         if self.pre_norm:
             setattr(self, mlp_norm, make_norm(D, cfg.norm))
         self.mlp = MLP(D, cfg.mlp)
-        self.hook_mlp_out = HookPoint()  # [B, T, D]
+        if cfg.n_query is not None:
+            if self.pre_norm:
+                setattr(self, mlp_norm + "_text", make_norm(D, cfg.norm))
+            self.mlp_text = MLP(D, cfg.mlp)
+        self.hook_mlp_out = HookPoint()  # [B, T, D]: both MLPs' outputs, in sequence order
         if not self.pre_norm:
             setattr(self, mlp_norm, make_norm(D, cfg.norm))
+            if cfg.n_query is not None:
+                setattr(self, mlp_norm + "_text", make_norm(D, cfg.norm))
         self.hook_resid_post = HookPoint()  # [B, T, D]
         # plain tuple: the norms stay registered under their layout's names only
-        self._norms = (getattr(self, attn_norm), getattr(self, "ln_cross", None), getattr(self, mlp_norm))
+        self._norms = (getattr(self, attn_norm), getattr(self, "ln_cross", None), getattr(self, mlp_norm),
+                       getattr(self, mlp_norm + "_text", None))
 
     def forward(
         self,
@@ -94,7 +109,7 @@ class Block(nn.Module):
     ) -> Float[Tensor, "B T D"]:
         """`kv_input` is the sequence the cross-attention reads. Without it, and with nothing cached in `past`, the
         cross-attention is skipped, as HF's BLIP text layer does when it gets no encoder states."""
-        attn_norm, cross_norm, mlp_norm = self._norms
+        attn_norm, cross_norm, _, _ = self._norms
         resid = self.hook_resid_pre(x)
         resid = self._sublayer(
             resid, attn_norm, self.hook_attn_out, self.hook_resid_mid,
@@ -102,12 +117,17 @@ class Block(nn.Module):
         )
         has_cross_kv = kv_input is not None or (past is not None and past.cross_attn.k is not None)
         if self.cfg.cross_attn is not None and has_cross_kv:
-            resid = self._sublayer(
-                resid, cross_norm, self.hook_cross_attn_out, self.hook_resid_mid_cross,
-                lambda h: self.cross_attn(h, kv_input, mask=kv_mask, pos_bias=cross_pos_bias,
-                                          past=past and past.cross_attn),
-            )
-        return self._sublayer(resid, mlp_norm, self.hook_mlp_out, self.hook_resid_post, self.mlp)
+            def cross(h: Tensor) -> Tensor:
+                return self.cross_attn(h, kv_input, mask=kv_mask, pos_bias=cross_pos_bias,
+                                       past=past and past.cross_attn)
+
+            n = self.cfg.n_query
+            if n is None:
+                resid = self._sublayer(resid, cross_norm, self.hook_cross_attn_out, self.hook_resid_mid_cross, cross)
+            else:  # only the queries read the image (hook_cross_attn_out: [B, n_query, D]); the rest pass through
+                queries = self._sublayer(resid[:, :n], cross_norm, self.hook_cross_attn_out, _identity, cross)
+                resid = self.hook_resid_mid_cross(torch.cat([queries, resid[:, n:]], dim=1))
+        return self._sublayer(resid, self._mlp_norm, self.hook_mlp_out, self.hook_resid_post, self._mlp)
 
     def _sublayer(self, resid: Tensor, norm: nn.Module, out_hook: HookPoint, resid_hook: HookPoint,
                   fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -115,5 +135,24 @@ class Block(nn.Module):
             return resid_hook(resid + out_hook(fn(norm(resid))))
         return resid_hook(norm(resid + out_hook(fn(resid))))
 
+    def _mlp_norm(self, x: Tensor) -> Tensor:
+        if self.cfg.n_query is None:
+            return self._norms[2](x)
+        return _split(x, self.cfg.n_query, self._norms[2], self._norms[3])
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        if self.cfg.n_query is None:
+            return self.mlp(x)
+        return _split(x, self.cfg.n_query, self.mlp, self.mlp_text)
+
     def new_kv(self) -> BlockKV:
         return BlockKV(LayerKV(), LayerKV())
+
+
+def _split(x: Tensor, n: int, first: Callable[[Tensor], Tensor], rest: Callable[[Tensor], Tensor]) -> Tensor:
+    """`first` on the first n tokens, `rest` on the others, back in sequence order."""
+    return torch.cat([first(x[:, :n]), rest(x[:, n:])], dim=1)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x

@@ -32,3 +32,9 @@ def causal_mask(attention_mask: Int[Tensor, "B S"], n_queries: int, dtype: torch
     k_pos = torch.arange(S, device=attention_mask.device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
     return _additive(allowed, dtype)
+
+
+def generation_positions(attention_mask: Int[Tensor, "B T"]) -> Int[Tensor, "B T"]:
+    """Position ids from the attention mask, as HF's generate numbers a prompt: `cumsum(mask) - 1`, pads 0. A
+    left-padded row then gets the positions of the same prompt alone."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

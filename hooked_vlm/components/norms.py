@@ -24,6 +24,9 @@ class NormConfig:
     kind: Literal["layer", "rms"] = "layer"
     eps: float = 1e-5
     bias: bool = True  # LayerNorm only
+    # RMSNorm only: True normalises in float32 and casts back (HF LlamaRMSNorm); False takes only the mean square
+    # in float32 and scales x in its own dtype or higher (HF T5LayerNorm). They differ only in float64.
+    upcast_input: bool = True
 
 
 class LayerNorm(nn.Module):
@@ -49,9 +52,10 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in float32 and cast back, as HF's LlamaRMSNorm and T5LayerNorm do."""
 
-    def __init__(self, d_model: int, eps: float = 1e-6):
+    def __init__(self, d_model: int, eps: float = 1e-6, upcast_input: bool = True):
         super().__init__()
         self.eps = eps
+        self.upcast_input = upcast_input
         self.w = nn.Parameter(torch.ones(d_model))
         self.hook_scale = HookPoint()  # [B, T, 1], float32
         self.hook_normalized = HookPoint()  # [B, T, D]
@@ -59,6 +63,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
         x32 = x.float()
         mean_square = x32.pow(2).mean(-1, keepdim=True)
+        if not self.upcast_input:
+            x32 = x if x.dtype == torch.float64 else x32  # T5: only the mean square is float32
         if self.hook_scale.has_hooks:
             x32 = x32 / self.hook_scale((mean_square + self.eps).sqrt())
         else:
@@ -70,5 +76,5 @@ def make_norm(d_model: int, cfg: NormConfig) -> LayerNorm | RMSNorm:
     if cfg.kind == "layer":
         return LayerNorm(d_model, cfg.eps, cfg.bias)
     if cfg.kind == "rms":
-        return RMSNorm(d_model, cfg.eps)
+        return RMSNorm(d_model, cfg.eps, cfg.upcast_input)
     raise ValueError(f"unknown norm kind {cfg.kind!r}; expected 'layer' or 'rms'")

@@ -12,12 +12,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..components.masks import generation_positions
+
+__all__ = ["greedy_decode", "generation_positions"]
+
 Step = Callable[[Int[Tensor, "B T_new"], Int[Tensor, "B S"], Int[Tensor, "B T_new"]], Float[Tensor, "B V"]]
 
-
-def generation_positions(mask: Int[Tensor, "B T"]) -> Int[Tensor, "B T"]:
-    """Prompt positions as HF's generate computes them from the attention mask."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def greedy_decode(step: Step, ids: Int[Tensor, "B T"], mask: Int[Tensor, "B T"] | None, max_new_tokens: int, *,

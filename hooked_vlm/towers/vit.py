@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +68,27 @@ class VisionTower(Tower):
                              "preprocess images with model.processor so they are resized to the model's image size")
         return pixel_values
 
-    def forward(self, pixel_values: Float[Tensor, "B 3 H W"], stop_at_layer: int | None = None
-                ) -> Float[Tensor, "B T D"]:
-        """Returns the output of the last block run (`stop_at_layer` blocks if given: later blocks are not
-        computed), normalised by `ln_post` when the tower has it and runs to the end."""
+    def forward(self, pixel_values: Float[Tensor, "B 3 H W"], stop_at_layer: int | None = None,
+                feature_layers: Sequence[int] | None = None) -> Float[Tensor, "B T D_out"]:
+        """The output of the last block run (`stop_at_layer` blocks if given: later blocks are not computed),
+        normalised by `ln_post` when the tower has it and runs to the end.
+
+        `feature_layers`: instead, the streams after that many blocks each (0: the embeddings, after `ln_pre`),
+        concatenated along the channels (LLaVA's vision features); blocks after the deepest are not computed.
+        """
         if self.given_output is not None:
             return self.given_output
         first, x = self.start()
         if x is None:
             x = self.embed(self.check_pixels(pixel_values))
+        if feature_layers is not None:
+            counts = list(feature_layers)
+            if not counts or min(counts) < first or max(counts) > self.cfg.n_layers:
+                raise ValueError(f"feature layers {counts} must lie in {first}..{self.cfg.n_layers}")
+            states = {0: x} if first == 0 else {}
+            for i in range(first, max(counts)):
+                x = states[i + 1] = self.blocks[i](x)
+            return self.finish(torch.cat([states[c] for c in counts], dim=-1))
         n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         for block in self.blocks[first:n_run]:
             x = block(x)

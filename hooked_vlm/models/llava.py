@@ -1,0 +1,184 @@
+"""LLaVA-1.5: a CLIP vision tower, a two-layer projector, and a Llama language model.
+
+Towers (hook-name prefixes), in execution order: `vision`, `projector`, `lm`. The vision tower runs only up to the
+selected feature layer(s) (HF computes the later ones and discards them; here they do not exist, so a hook name in
+them is an error, not a hook that silently never fires). The projected image tokens are written into the LM input
+at the `<image>` placeholders: `lm.hook_embed` still holds the placeholders' embeddings, `lm.hook_inputs_embeds`
+the sequence block 0 reads.
+
+Positions: rotary positions come from the attention mask (`cumsum(mask) - 1`, pads 0), as HF's generate computes
+them, so a left-padded row equals the same prompt alone; `hf_positions=True` (a model option) numbers 0..T-1 as
+HF's forward does (for LLaVA the two differ by about 1e-6, since the pads sit at the start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ..components.masks import generation_positions
+from ..components.mlp import ACTIVATIONS
+from ..hooks import HookPoint
+from ..positions import ImageSpan, Positions
+from ..towers.llama import LlamaConfig, LlamaTower
+from ..towers.vit import VisionConfig, VisionTower
+from .base import HookedVLM
+from .generation import greedy_decode
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig  # only the blocks up to the deepest feature layer
+    lm: LlamaConfig
+    feature_layers: tuple[int, ...]  # per selected state, how many vision blocks produced it (0: the embeddings)
+    select: Literal["default", "full"]  # "default" drops the class token
+    image_token_id: int
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    hf_positions: bool = False  # number positions 0..T-1 across pads, as HF's forward does
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.grid**2 + (1 if self.select == "full" else 0)
+
+
+class Projector(nn.Module):
+    """Vision features -> LM space: linear, activation, linear."""
+
+    def __init__(self, d_in: int, d_out: int, act: str, bias: bool):
+        super().__init__()
+        self.act = ACTIVATIONS[act]
+        self.in_weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.in_bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.out_weight = nn.Parameter(torch.empty(d_out, d_out))
+        self.out_bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.hook_in = HookPoint()  # [n_images, N, D_vision * n_feature_layers]: the selected vision features
+        self.hook_mid = HookPoint()  # [n_images, N, D_lm]: after the first linear and the activation
+        self.hook_out = HookPoint()  # [n_images, N, D_lm]: the image tokens in LM space
+
+    def forward(self, x: Float[Tensor, "n N D_v"]) -> Float[Tensor, "n N D_lm"]:
+        h = self.hook_mid(self.act(F.linear(self.hook_in(x), self.in_weight, self.in_bias)))
+        return self.hook_out(F.linear(h, self.out_weight, self.out_bias))
+
+
+class HookedLlava(HookedVLM):
+    """`LlavaForConditionalGeneration`. Call it with the `LlavaProcessor` output; returns the LM logits."""
+
+    tower_names = ("vision", "projector", "lm")
+    image_embeddings_hook = "lm.hook_inputs_embeds"  # at the image tokens' positions
+    prompt_tower = output_tower = "lm"
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision)
+        self.projector = Projector(cfg.vision.d_model * len(cfg.feature_layers), cfg.lm.d_model, cfg.projector_act,
+                                   cfg.projector_bias)
+        self.lm = LlamaTower(cfg.lm)
+        self.setup()
+
+    # ------------------------------------------------------------------ the image side
+    def image_features(self, pixel_values: Float[Tensor, "n 3 H W"]) -> Float[Tensor, "n N D_lm"]:
+        """The image tokens in LM space, one row of `tokens_per_image` per image."""
+        features = self.vision(pixel_values, feature_layers=self.cfg.feature_layers)
+        if self.cfg.select == "default":
+            features = features[:, 1:]  # drop the class token
+        return self.projector(features)
+
+    def _image_tokens(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """The placeholder mask [B, T], after checking that placeholders and images match."""
+        is_image = input_ids == self.cfg.image_token_id
+        n_tokens, per_image = int(is_image.sum()), self.cfg.tokens_per_image
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if pixel_values is None and n_tokens:
+            raise ValueError(f"the prompts hold {n_tokens} <image> tokens but no pixel_values were given; pass the "
+                             "images the prompts refer to")
+        if pixel_values is not None and n_tokens != n_images * per_image:
+            raise ValueError(
+                f"the prompts hold {n_tokens} <image> tokens, but {n_images} image(s) need {per_image} each "
+                f"({n_images * per_image}); put one '<image>' per image in the text and build the inputs with "
+                "model.processor(images=..., text=...), which expands each into the image's tokens")
+        if pixel_values is not None:
+            self.vision.check_pixels(pixel_values)
+        return is_image
+
+    def _positions(self, input_ids: Tensor, attention_mask: Tensor, is_image: Tensor) -> Positions:
+        """Image spans per example (per image, with each token's patch-grid row and column)."""
+        per_image, grid = self.cfg.tokens_per_image, self.cfg.vision.grid
+        patch = torch.arange(grid * grid)
+        rows, cols = patch // grid, patch % grid
+        if self.cfg.select == "full":  # the class token first: no patch
+            rows, cols = torch.cat([torch.tensor([-1]), rows]), torch.cat([torch.tensor([-1]), cols])
+        spans = []
+        for row in is_image.cpu():
+            idx = torch.nonzero(row).flatten()
+            # images fill the placeholders in order; adjacent images form one run, so cut by tokens per image
+            spans.append([ImageSpan(int(idx[i]), int(idx[i + per_image - 1]) + 1, rows, cols)
+                          for i in range(0, len(idx), per_image)])
+        return Positions(input_ids, attention_mask, spans)
+
+    def image_embeddings_mask(self, positions: Positions) -> Tensor:
+        mask = torch.zeros(positions.input_ids.shape, dtype=torch.bool)
+        for b, spans in enumerate(positions.image):
+            for span in spans:
+                mask[b, span.start:span.stop] = True
+        return mask
+
+    def _inputs_embeds(self, input_ids: Tensor, pixel_values: Tensor | None, is_image: Tensor) -> Tensor:
+        embeds = self.lm.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.image_features(pixel_values)
+        # row-major over the batch, as HF's masked_scatter: image i fills the i-th run of placeholders
+        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def lm_positions(self, attention_mask: Int[Tensor, "B T"]) -> Int[Tensor, "B T"]:
+        if self.cfg.hf_positions:
+            B, T = attention_mask.shape
+            return torch.arange(T, device=attention_mask.device).expand(B, T)
+        return generation_positions(attention_mask)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Int[Tensor, "B T"] | None = None, pixel_values: Float[Tensor, "n 3 H W"] | None = None,
+                attention_mask: Int[Tensor, "B T"] | None = None, position_ids: Int[Tensor, "B T"] | None = None,
+                **unused: Any) -> Float[Tensor, "B T V"]:
+        """LM logits for every prompt position. Text-only prompts (no `<image>`, no pixel_values) work too."""
+        if input_ids is None:
+            raise ValueError("input_ids is missing: pass the processor's output, e.g. model(**model.processor("
+                             "images=image, text='USER: <image>\\nWhat is this? ASSISTANT:', return_tensors='pt'))")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_image = self._image_tokens(input_ids, pixel_values)
+        self.last_positions = self._positions(input_ids, attention_mask, is_image)
+        embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
+        positions = position_ids if position_ids is not None else self.lm_positions(attention_mask)
+        return self.lm.logits(self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions))
+
+    def _generate(self, *, max_new_tokens: int, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+                  attention_mask: Tensor | None = None, **unused: Any) -> Tensor:
+        """Greedy decoding with a KV cache; returns the prompt and the new tokens, as HF."""
+        if input_ids is None:
+            raise ValueError("input_ids is missing: pass the processor's output")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_image = self._image_tokens(input_ids, pixel_values)
+        self.last_positions = self._positions(input_ids, attention_mask, is_image)
+        embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
+        past = self.lm.new_cache()
+
+        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+            first = past.length == 0
+            resid = self.lm(input_ids=None if first else new_ids, inputs_embeds=embeds if first else None,
+                            attention_mask=mask, position_ids=positions, past=past)
+            return self.lm.logits(resid[:, -1:])[:, -1]
+
+        return greedy_decode(step, input_ids, attention_mask, max_new_tokens, eos_token_id=self.cfg.eos_token_id,
+                             pad_token_id=self.cfg.pad_token_id)

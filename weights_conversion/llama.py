@@ -1,0 +1,56 @@
+"""Decoder-only LMs (Llama, Vicuna, Mistral-shaped): HF text config -> LlamaConfig, and the weight table. Used by
+LLaVA and InstructBLIP-Vicuna."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig, RotaryConfig
+from hooked_vlm.towers.llama import LlamaConfig
+
+from .blip import activation
+from .state_dict import SourceWeights
+
+
+def llama_config(tc: Any) -> LlamaConfig:
+    rope = dict(getattr(tc, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (only the default rotary embedding)")
+    base = rope.get("rope_theta", getattr(tc, "rope_theta", 10_000.0))
+    if getattr(tc, "sliding_window", None) is not None and getattr(tc, "use_sliding_window", True):
+        raise ValueError(f"sliding-window attention ({tc.sliding_window}) is not supported; a Mistral-shaped LM "
+                         "loads with sliding_window=None")
+    H = tc.num_attention_heads
+    d_head = getattr(tc, "head_dim", None) or tc.hidden_size // H
+    attn = AttnConfig(H, d_head, n_kv_heads=getattr(tc, "num_key_value_heads", None) or H,
+                      bias=bool(getattr(tc, "attention_bias", False)), out_bias=bool(getattr(tc, "attention_bias", False)),
+                      softmax_fp32=True, rotary=RotaryConfig(float(base)))
+    block = BlockConfig(tc.hidden_size, attn,
+                        MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act), gated=True,
+                                  bias=bool(getattr(tc, "mlp_bias", False))),
+                        NormConfig("rms", tc.rms_norm_eps), layout="pre")
+    return LlamaConfig(tc.vocab_size, tc.num_hidden_layers, block)
+
+
+def convert_llama_lm(w: SourceWeights, cfg: LlamaConfig, src: str, dst: str, *, body: str | None = None,
+                     head: str | None = None) -> None:
+    """`{src}model.*` (embed_tokens, layers, norm) and `{src}lm_head.weight`; LLaVA's live model keeps the body at
+    `model.language_model.` and the head at `lm_head.weight` (pass `body` and `head`)."""
+    body = body if body is not None else src + "model."
+    head = head if head is not None else src + "lm_head.weight"
+    w.copy({"embed.W_E": "embed_tokens.weight", "ln_final.w": "norm.weight"}, dst, body)
+    w.out[dst + "unembed.weight"] = w.take(head)
+    bias = cfg.block.attn.bias
+    for i in range(cfg.n_layers):
+        s, d = f"{body}layers.{i}.", f"{dst}blocks.{i}."
+        w.concat(d + "attn.qkv_weight", [f"{s}self_attn.{p}_proj.weight" for p in "qkv"])
+        if bias:
+            w.concat(d + "attn.qkv_bias", [f"{s}self_attn.{p}_proj.bias" for p in "qkv"])
+            w.out[d + "attn.o_bias"] = w.take(s + "self_attn.o_proj.bias")
+        w.concat(d + "mlp.in_weight", [s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"])  # [gate; linear]
+        if cfg.block.mlp.bias:
+            w.concat(d + "mlp.in_bias", [s + "mlp.gate_proj.bias", s + "mlp.up_proj.bias"])
+            w.out[d + "mlp.out_bias"] = w.take(s + "mlp.down_proj.bias")
+        w.copy({"attn.o_weight": "self_attn.o_proj.weight", "mlp.out_weight": "mlp.down_proj.weight",
+                "ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight"}, d, s)

@@ -1,0 +1,82 @@
+"""LLaVA (CLIP + projector + Llama): HF config -> hooked config, HF live state dict -> hooked state dict."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
+from hooked_vlm.models.llava import HookedLlava, LlavaConfig
+from hooked_vlm.towers.vit import VisionConfig
+
+from .blip import activation
+from .llama import convert_llama_lm, llama_config
+from .registry import register_converter
+from .state_dict import SourceWeights
+
+
+def _generation_tokens(hf: Any) -> dict[str, Any]:
+    """The token ids HF's generate uses (its generation config is built from the model config)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_model_config(hf)
+    tc = hf.text_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tc.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(hf, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos  # HF's generate pads with eos when it has no pad token
+    return {"bos_token_id": gen.bos_token_id if gen.bos_token_id is not None else tc.bos_token_id,
+            "eos_token_id": eos, "pad_token_id": pad}
+
+
+def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
+    vc = hf.vision_config
+    if getattr(vc, "model_type", "clip_vision_model") != "clip_vision_model":
+        raise ValueError(f"only CLIP vision towers are supported, got {vc.model_type!r}")
+    layers = hf.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    counts = tuple(layer if layer >= 0 else vc.num_hidden_layers + 1 + layer for layer in layers)  # hidden_states
+    H = vc.num_attention_heads
+    block = BlockConfig(vc.hidden_size, AttnConfig(H, vc.hidden_size // H, softmax_fp32=True),
+                        MLPConfig(vc.intermediate_size, act=activation(vc.hidden_act)),
+                        NormConfig("layer", vc.layer_norm_eps), layout="pre")
+    # only the blocks up to the deepest selected layer: HF computes the rest and throws them away
+    vision = VisionConfig(vc.image_size, vc.patch_size, max(counts), block, patch_bias=False, ln_pre=True,
+                          ln_post=False)
+    if hf.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {hf.vision_feature_select_strategy!r} is not supported")
+    return LlavaConfig(vision, llama_config(hf.text_config), counts, hf.vision_feature_select_strategy,
+                       hf.image_token_id, projector_act=activation(hf.projector_hidden_act),
+                       projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)), hf_positions=hf_positions,
+                       **_generation_tokens(hf))
+
+
+@register_converter("LlavaForConditionalGeneration", HookedLlava, llava_config)
+def convert_llava(state: Mapping[str, Tensor], cfg: LlavaConfig) -> dict[str, Tensor]:
+    w = SourceWeights(state, "LlavaForConditionalGeneration")
+    v, n_blocks = "model.vision_tower.", cfg.vision.n_layers
+    w.copy({"class_embed": "embeddings.class_embedding", "patch_embed.W_patch": "embeddings.patch_embedding.weight",
+            "W_pos": "embeddings.position_embedding.weight",
+            "ln_pre.w": "pre_layrnorm.weight", "ln_pre.b": "pre_layrnorm.bias"}, "vision.", v)
+    for i in range(n_blocks):
+        s, d = f"{v}encoder.layers.{i}.", f"vision.blocks.{i}."
+        for kind in ("weight", "bias"):
+            w.concat(f"{d}attn.qkv_{kind}", [f"{s}self_attn.{p}_proj.{kind}" for p in "qkv"])
+        w.copy({"attn.o_weight": "self_attn.out_proj.weight", "attn.o_bias": "self_attn.out_proj.bias",
+                "ln1.w": "layer_norm1.weight", "ln1.b": "layer_norm1.bias",
+                "ln2.w": "layer_norm2.weight", "ln2.b": "layer_norm2.bias",
+                "mlp.in_weight": "mlp.fc1.weight", "mlp.in_bias": "mlp.fc1.bias",
+                "mlp.out_weight": "mlp.fc2.weight", "mlp.out_bias": "mlp.fc2.bias"}, d, s)
+    # unused by LLaVA: the blocks after the deepest feature layer, and the pooler's post-layernorm
+    for i in range(n_blocks, 10_000):
+        if not w.drop_prefix(f"{v}encoder.layers.{i}."):
+            break
+    w.drop_prefix(v + "post_layernorm.")
+    p = "model.multi_modal_projector."
+    w.copy({"in_weight": "linear_1.weight", "out_weight": "linear_2.weight"}, "projector.", p)
+    if cfg.projector_bias:
+        w.copy({"in_bias": "linear_1.bias", "out_bias": "linear_2.bias"}, "projector.", p)
+    convert_llama_lm(w, cfg.lm, "", "lm.", body="model.language_model.", head="lm_head.weight")
+    return w.finish()
