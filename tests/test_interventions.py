@@ -275,3 +275,71 @@ def test_replace_positions_prefill_and_generation(vqa):
         model.generate(**inputs, max_new_tokens=3, fwd_hooks=[
             interventions.replace_positions(model, dec, [-1], 0.0, prefill_only=prefill_only), (dec, count)])
         assert sum(edits) == min(expected_edits, len(edits))
+
+
+# ------------------------------------------------------------------------------------------ LLaVA
+@pytest.fixture(scope="module")
+def llava():
+    from hooked_vlm.tiny import build_llava
+
+    hf, processor = build_llava(seed=4)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=[random_image(seed=0), random_image(seed=1)],
+                       text=["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"],
+                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        model(**inputs)
+    return model, inputs
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_llava_knockout_of_image_tokens_with_left_padding(llava, fast):
+    """Neo et al.'s knockout: the last token may not read the image tokens in a window of layers."""
+    model, inputs = llava
+    positions = model.last_positions
+    image = [span.indices.tolist() for spans in positions.image for span in spans]  # per example
+    last = positions.last.tolist()
+    hooks = interventions.attention_knockout(model, [[p] for p in last], image, layers=[1], tower="lm")
+    T = inputs["input_ids"].shape[1]
+    blocked = torch.zeros(2, 1, T, T, dtype=torch.bool)
+    for b in range(2):
+        blocked[b, 0, last[b], image[b]] = True
+    reference = [("lm.blocks.1.attn.hook_attn_scores", lambda s, hook: s.masked_fill(blocked, float("-inf")))]
+    model.set_fast_attention(fast)
+    try:
+        with torch.no_grad(), model.hooks(hooks):
+            ours, cache = model.run_with_cache(**inputs, names_filter="lm.blocks.1.attn.hook_pattern")
+        with torch.no_grad():
+            ref = model.run_with_hooks(**inputs, fwd_hooks=reference)
+    finally:
+        model.set_fast_attention(True)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    for b in range(2):
+        assert torch.all(cache["lm.blocks.1.attn.hook_pattern"][b, :, last[b], image[b]] == 0)
+    steered = model.generate(**inputs, max_new_tokens=3, fwd_hooks=hooks)
+    assert torch.equal(steered[:, T], ours[:, -1].argmax(-1))  # the knockout holds in generation's prefill
+
+
+def test_llava_logit_lens_normalises_once(llava):
+    model, inputs = llava
+    with torch.no_grad():
+        logits = model(**inputs)
+    lens = analysis.logit_lens(model, inputs, tower="lm", positions=model.last_positions.last[:, None], k=4)
+    top = logits[:, -1].softmax(-1).topk(4)
+    torch.testing.assert_close(lens.probs[-1, :, 0], top.values, atol=1e-6, rtol=0)
+    assert torch.equal(lens.ids[-1, :, 0], top.indices)
+
+
+def test_llava_mean_ablation_of_image_tokens_prefill_only(llava):
+    model, inputs = llava
+    means = analysis.mean_activation(model, [inputs], ["projector.hook_out"], over="tokens")
+    image = [span.indices.tolist() for spans in model.last_positions.image for span in spans]
+    hook = interventions.replace_positions(model, "lm.hook_inputs_embeds", image, means["projector.hook_out"],
+                                           prefill_only=True)
+    seen = []
+    out = model.generate(**inputs, max_new_tokens=3, fwd_hooks=[
+        hook, ("lm.hook_inputs_embeds", lambda t, hook: seen.append(t.clone()))])
+    first = seen[0]
+    for b in range(2):
+        assert torch.allclose(first[b, image[b]], means["projector.hook_out"].expand(len(image[b]), -1))
+    assert out.shape[0] == 2

@@ -296,3 +296,64 @@ def test_attribution_correlates_with_exact_patching(vqa):
     approx = patching.attribution_patch_resid(model, clean, corrupt, metric, tower="text_encoder")
     assert torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1] > 0.8
     assert all(p.grad is None for p in model.parameters())  # no gradient left on the user's parameters
+
+
+# ------------------------------------------------------------------------------------------ LLaVA
+@pytest.fixture(scope="module")
+def llava():
+    from hooked_vlm.tiny import build_llava
+
+    hf, processor = build_llava(seed=3)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    prompts = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
+    clean = processor(images=[random_image(seed=0), random_image(seed=1)], text=prompts, padding=True,
+                      return_tensors="pt")
+    corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
+                        return_tensors="pt")
+    with torch.no_grad():
+        answer = model(**clean)[:, -1].argmax(-1)
+    return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % 439)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_llava_sweeps_equal_naive_loop(llava, direction):
+    model, clean, corrupt, metric = llava
+    positions = torch.tensor([[3, 10, 26], [12, 19, 26]])  # per example: image tokens and the last token
+    resid = patching.patch_resid(model, clean, corrupt, metric, tower="lm", hook="resid_post", positions=positions,
+                                 direction=direction, normalize=True, batch_size=4, progress=False)
+    heads = patching.patch_heads(model, clean, corrupt, metric, tower="lm", direction=direction, batch_size=4,
+                                 progress=False)
+    vision = patching.patch_heads(model, clean, corrupt, metric, tower="vision", activation="v",
+                                  direction=direction, progress=False)
+    for layer in range(2):
+        def edit_pos(act, src, cell):
+            rows = torch.arange(2)
+            act[rows, positions[:, cell]] = src[rows, positions[:, cell]]
+            return act
+
+        def edit_head(act, src, head):
+            act[:, :, head] = src[:, :, head]
+            return act
+
+        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.hook_resid_post", edit_pos, 3,
+                         direction, True)
+        torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
+        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.attn.hook_z", edit_head, 4, direction,
+                         False)
+        torch.testing.assert_close(heads[layer], expected, atol=1e-5, rtol=1e-5)
+        expected = naive(model, clean, corrupt, metric, f"vision.blocks.{layer}.attn.hook_v", edit_head, 4,
+                         direction, False)
+        torch.testing.assert_close(vision[layer], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_llava_causal_trace_noises_the_image_tokens(llava):
+    model, clean, _, _ = llava
+    target = model(**clean)[:, -1].argmax(-1)
+    result = patching.causal_trace(model, clean, target, tower="lm", seed=2, progress=False)
+    with torch.no_grad():
+        model(**clean)
+    sites = model.image_embeddings_mask(model.last_positions)
+    assert sites.sum() == 2 * model.cfg.tokens_per_image
+    expected = naive_trace(model, clean, target, "lm.hook_inputs_embeds", sites, 3.0, 2, "lm", "hook_resid_post", 1,
+                           list(range(result.shape[1])))
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
