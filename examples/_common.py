@@ -27,6 +27,12 @@ def load(model_name: str | None, tiny: str, device: str) -> HookedVLM:
 
     if tiny == "blip-vqa":
         hf, processor = builders.build_blip("vqa", seed=0, image_size=64, patch=16)
+    elif tiny == "llava":
+        hf, processor = builders.build_llava(seed=0)
+    elif tiny == "llava":
+        hf, processor = builders.build_llava(seed=0, image_size=48, patch=8)
+    elif tiny == "instructblip":
+        hf, processor = builders.build_instructblip("llama", seed=0)
     else:
         raise ValueError(f"no tiny model {tiny!r}")
     print(f"(using a tiny {tiny} with RANDOM weights built offline: the numbers show the pipeline, not a finding)")
@@ -43,3 +49,19 @@ def first_token(tokenizer, word: str) -> int:
 
 def to(inputs: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def llava_prompt(question: str) -> str:
+    return f"USER: <image>\n{question} Please answer with a single word.\nASSISTANT:"
+
+
+def object_patches(image, size: int, grid: int, background=(240, 240, 232)) -> list[tuple[int, int]]:
+    """(row, col) of the patches that show something other than the background, on the model's view of the image
+    (resized to `size`): the object tokens of a synthetic scene."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.int16)
+    differs = np.abs(pixels - np.array(background)).sum(-1) > 30
+    cell = size // grid
+    return [(r, c) for r in range(grid) for c in range(grid)
+            if differs[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].mean() > 0.1]

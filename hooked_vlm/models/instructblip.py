@@ -89,10 +89,12 @@ class HookedInstructBlip(HookedVLM):
         self.projector = QueryProjector(cfg.qformer.d_model, cfg.d_lm)
         if cfg.is_encoder_decoder:
             self.tower_names = ("vision", "qformer", "projector", "lm_encoder", "lm_decoder")
+            self.prompt_tower, self.output_tower = "lm_encoder", "lm_decoder"
             self.lm_encoder = T5Stack(cfg.lm_encoder)
             self.lm_decoder = T5Stack(cfg.lm_decoder)
         else:
             self.tower_names = ("vision", "qformer", "projector", "lm")
+            self.prompt_tower = self.output_tower = "lm"
             self.lm = LlamaTower(cfg.lm)
         self.setup()
 

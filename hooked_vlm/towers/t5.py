@@ -106,7 +106,7 @@ class T5Stack(Tower):
         kv_mask: Int[Tensor, "B S_enc"] | None = None,
         past: KVCache | None = None,
     ) -> Float[Tensor, "B T D"]:
-        """The stream after `ln_final`.
+        """Encoder: the stream after `ln_final`. Decoder: the stream after the last block (`logits` normalises it).
 
         Args:
             input_ids: the tokens (decoder: the new ones after `past.length` when generating).
@@ -139,9 +139,13 @@ class T5Stack(Tower):
                                past=past.blocks[i] if past is not None else None)
         if past is not None:
             past.length = start + T
-        return self.finish(self.ln_final(x))
+        # the encoder's output is what the decoder reads: normalised; the decoder's is its last block's stream,
+        # which `logits` normalises (so the logit lens reads every layer the same way)
+        return self.finish(x if self.cfg.decoder else self.ln_final(x))
 
     def logits(self, resid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
+        """Decoder: from a block's output stream to logits (the final norm, applied once, then the unembedding)."""
+        resid = self.ln_final(resid)
         if self.cfg.scale_outputs:
             resid = resid * self.cfg.d_model**-0.5
         return self.unembed(resid)
