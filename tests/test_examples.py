@@ -17,6 +17,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
                              "decoder_resid.png"]),
     ("notice", ["sip_cross_attention_heads.png", "sip_stream.png", "str_self_attention_heads.png",
                 "top_head_overlay.png"]),
+    ("neo", ["logit_lens_image_tokens.png", "logit_lens_last_layer.png"]),
+    ("vseam", ["head_positive.png", "head_negative.png", "head_delta.png"]),
 ])
 def test_example_runs(name, figures, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))

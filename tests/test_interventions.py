@@ -343,3 +343,27 @@ def test_llava_mean_ablation_of_image_tokens_prefill_only(llava):
     for b in range(2):
         assert torch.allclose(first[b, image[b]], means["projector.hook_out"].expand(len(image[b]), -1))
     assert out.shape[0] == 2
+
+
+@pytest.mark.parametrize("lm", ["llama", "t5"])
+def test_instructblip_logit_lens_and_knockout(lm):
+    from hooked_vlm.tiny import build_instructblip
+
+    hf, processor = build_instructblip(lm, seed=3)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=[random_image(seed=0), random_image(seed=1)],
+                       text=["what is in the picture?", "describe this image"], padding=True, return_tensors="pt")
+    if lm == "t5":
+        inputs["decoder_input_ids"] = torch.tensor([[0, 5, 9], [0, 7, 3]])
+    with torch.no_grad():
+        logits = model(**inputs)
+    lens = analysis.logit_lens(model, inputs, tower=model.output_tower, k=3)
+    top = logits.softmax(-1).topk(3)
+    torch.testing.assert_close(lens.probs[-1], top.values, atol=1e-6, rtol=0)
+    # queries 0 and 1 of the Q-Former may read only the class token of the image in layer 0
+    hooks = interventions.attention_knockout(model, [0, 1], list(range(1, 17)), [0], tower="qformer",
+                                             attention="cross_attn")
+    with torch.no_grad(), model.hooks(hooks):
+        _, cache = model.run_with_cache(**inputs, names_filter="qformer.blocks.0.cross_attn.hook_pattern")
+    pattern = cache["qformer.blocks.0.cross_attn.hook_pattern"]
+    assert torch.all(pattern[:, :, :2, 1:] == 0) and torch.allclose(pattern[:, :, :2, 0], torch.ones(1))

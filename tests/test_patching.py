@@ -357,3 +357,61 @@ def test_llava_causal_trace_noises_the_image_tokens(llava):
     expected = naive_trace(model, clean, target, "lm.hook_inputs_embeds", sites, 3.0, 2, "lm", "hook_resid_post", 1,
                            list(range(result.shape[1])))
     torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ InstructBLIP
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def instructblip(request):
+    from hooked_vlm.tiny import build_instructblip
+
+    hf, processor = build_instructblip(request.param, seed=2, qf_layers=3)  # cross-attention in layers 0 and 2
+    model = HookedVLM.from_hf(hf, processor=processor)
+    prompts = ["what is in the picture?", "describe this image"]
+    clean = processor(images=[random_image(seed=0), random_image(seed=1)], text=prompts, padding=True,
+                      return_tensors="pt")
+    corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
+                        return_tensors="pt")
+    with torch.no_grad():
+        answer = model(**clean)[:, -1].argmax(-1)
+    vocab = model(**clean).shape[-1]
+    return request.param, model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % vocab)
+
+
+def naive_heads(model, clean, corrupt, metric, tower, attention, n_heads, direction, normalize):
+    out = []
+    for layer in range(model.tower_info(tower).n_layers):
+        name = f"{tower}.blocks.{layer}.{attention}.hook_z"
+        if name not in model.hook_dict:
+            out.append(torch.full((n_heads,), float("nan")))
+            continue
+
+        def edit(act, src, head):
+            act[:, :, head] = src[:, :, head]
+            return act
+        out.append(naive(model, clean, corrupt, metric, name, edit, n_heads, direction, normalize))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_instructblip_head_sweeps_equal_naive_loop(instructblip, direction):
+    lm, model, clean, corrupt, metric = instructblip
+    lm_tower = "lm" if lm == "llama" else "lm_decoder"
+    for tower, attention in (("qformer", "cross_attn"), ("qformer", "attn"), (lm_tower, "attn")) + (
+            (("lm_decoder", "cross_attn"), ("lm_encoder", "attn")) if lm == "t5" else ()):
+        result = patching.patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention,
+                                      direction=direction, normalize=True, batch_size=6, progress=False)
+        expected = naive_heads(model, clean, corrupt, metric, tower, attention, result.shape[1], direction, True)
+        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+        if tower == "qformer" and attention == "cross_attn":
+            assert torch.isnan(result[1]).all() and not torch.isnan(result[0]).any()  # layer 1 has none
+    resid = patching.patch_resid(model, clean, corrupt, metric, tower="qformer", hook="resid_mid_cross",
+                                 positions=[0, 3, 5], direction=direction, progress=False)
+
+    def edit_pos(act, src, cell):
+        p = [0, 3, 5][cell]
+        act[:, p] = src[:, p]
+        return act
+    for layer in (0, 2):
+        expected = naive(model, clean, corrupt, metric, f"qformer.blocks.{layer}.hook_resid_mid_cross", edit_pos, 3,
+                         direction, False)
+        torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
