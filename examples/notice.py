@@ -6,8 +6,9 @@
 - STR, symmetric token replacement: the same image with one question word swapped for one of equal token length.
 - "Universal" heads: heads whose mean |effect| over examples is at least mean + 2 std, and the cross-attention of
   the strongest one drawn over the image's patch grid.
+- LLaVA: the same SIP sweep over the language model's heads, patched at the last prompt token.
 
-    python examples/notice.py [--model Salesforce/blip-vqa-base] [--pairs 4]
+    python examples/notice.py [--model Salesforce/blip-vqa-base] [--llava-model llava-hf/llava-1.5-7b-hf] [--pairs 4]
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 
 import torch
 
-from _common import first_token, load, parser, to
+from _common import first_token, llava_prompt, load, parser, to
 from hooked_vlm import analysis, corruption, metrics, patching, plot
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.split("\n\n")[0], "notice").parse_args(argv)
+    p = parser(__doc__.split("\n\n")[0], "notice")
+    p.add_argument("--llava-model", default=None, help="a LLaVA hub id or directory; default: a tiny random LLaVA")
+    args = p.parse_args(argv)
     model = load(args.model, "blip-vqa", args.device)
     processor, tok = model.processor, model.processor.tokenizer
     pairs = corruption.synthetic_pairs(args.pairs, "color", seed=1)
@@ -72,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     size = model.cfg.vision.image_size
     plot.patch_overlay(pairs[0].clean_image.resize((size, size)), overlay, args.out / "top_head_overlay.png",
                        title=f"L{layer}H{head} cross-attention minus the mean head")
+
+    # LLaVA: SIP head patching over the LM's heads, at the last prompt token (left padding: position -1)
+    llava = load(args.llava_model, "llava", args.device)
+    ltok = llava.processor.tokenizer
+    llava_heads = []
+    for pair in pairs:
+        clean, corrupt = (to(llava.processor(images=image, text=llava_prompt(pair.prompt), return_tensors="pt"),
+                             args.device) for image in (pair.clean_image, pair.corrupt_image))
+        metric = metrics.logit_diff(first_token(ltok, pair.answer), first_token(ltok, pair.wrong_answer))
+        last = [clean["input_ids"].shape[1] - 1]
+        llava_heads.append(patching.patch_heads(llava, clean, corrupt, metric, tower="lm", positions=last,
+                                                normalize=True, progress=False))
+    llava_heads = torch.stack(llava_heads)
+    plot.heatmap(llava_heads.mean(0), args.out / "llava_sip_lm_heads.png", xlabel="head",
+                 title="LLaVA SIP: LM heads at the last token (normalised logit diff)")
+    print(f"LLaVA SIP heads (mean + 2 std): {analysis.select_heads(llava_heads, k_std=2)}")
     print(f"figures in {args.out}")
     return 0
 

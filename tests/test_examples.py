@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("blip_causal_tracing", ["encoder_resid.png", "encoder_attn_w3.png", "encoder_cross_attn_w3.png",
                              "decoder_resid.png"]),
     ("notice", ["sip_cross_attention_heads.png", "sip_stream.png", "str_self_attention_heads.png",
-                "top_head_overlay.png"]),
+                "top_head_overlay.png", "llava_sip_lm_heads.png"]),
     ("neo", ["logit_lens_image_tokens.png", "logit_lens_last_layer.png"]),
     ("vseam", ["head_positive.png", "head_negative.png", "head_delta.png"]),
 ])
