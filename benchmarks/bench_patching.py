@@ -1,10 +1,12 @@
 """Head-patching sweep: the engine vs the loops users write, side by side, results checked equal.
 
-    python benchmarks/bench_patching.py [--repeats 2]
+    python benchmarks/bench_patching.py [--family blip|llava] [--repeats 2]
 
-Mid-size random BLIP-VQA (vision and text 512 wide, 8 layers, 8 heads, 224 px), one clean/corrupted image pair;
-full per-head sweep of the question encoder's cross-attention (8 layers x 8 heads, all positions at once), metric
-the logit difference of the first answer token. Candidates:
+BLIP: mid-size random BLIP-VQA (vision and text 512 wide, 8 layers, 8 heads, 224 px), one clean/corrupted image
+pair; full per-head sweep of the question encoder's cross-attention (8 layers x 8 heads, all positions at once),
+metric the logit difference of the first answer token. LLaVA: the mid-size LLaVA of bench_llava.py (CLIP 512x8 at
+224 px, Llama 512x8, 277 tokens); full sweep of the LM's self-attention heads (8 x 8), all positions at once, metric
+the logit difference at the last token. Candidates:
 - engine: `patching.patch_heads` (clean and corrupted runs once, the vision tower and earlier layers not re-run,
   the heads of a layer stacked along the batch);
 - TransformerLens-style loop: the clean run cached once, then one full forward of the corrupted input per cell;
@@ -27,16 +29,17 @@ from timing import compare, report  # noqa: E402
 
 from hooked_vlm import HookedVLM, metrics, patching  # noqa: E402
 from hooked_vlm.components import Block  # noqa: E402
-from hooked_vlm.tiny import build_blip, random_image  # noqa: E402
+from hooked_vlm.tiny import build_blip, build_llava, random_image  # noqa: E402
 
 QUESTION = "what is the color of the car that is parked on the street"
+LLAVA_PROMPT = "USER: <image>\n" + "describe this image in a short caption " * 2 + "ASSISTANT:"
 
 
 def count_block_rows(model: HookedVLM) -> tuple[Counter, list]:
     counts: Counter = Counter()
     handles = []
-    for tower in model.tower_names:
-        for block in getattr(model, tower).blocks:
+    for tower, module in model.towers().items():
+        for block in module.blocks:
             def pre(module, args, kwargs, tower=tower):
                 counts[tower] += args[0].shape[0]
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
@@ -47,21 +50,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--family", choices=["blip", "llava"], default="blip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    hf, processor = build_blip("vqa", vis_hidden=512, txt_hidden=512, layers=8, heads=8, image_size=224, patch=16,
-                               inter_mult=4)
+    if args.family == "blip":
+        hf, processor = build_blip("vqa", vis_hidden=512, txt_hidden=512, layers=8, heads=8, image_size=224,
+                                   patch=16, inter_mult=4)
+        text, tower, attention = QUESTION, "text_encoder", "cross_attn"
+    else:
+        hf, processor = build_llava(vis_hidden=512, lm_hidden=512, vis_layers=8, lm_layers=8, heads=8,
+                                    image_size=224, patch=14, inter_mult=4)
+        text, tower, attention = LLAVA_PROMPT, "lm", "attn"
     model = HookedVLM.from_hf(hf, processor=processor)
     del hf
-    clean = processor(images=random_image((256, 256), seed=0), text=QUESTION, return_tensors="pt")
-    corrupt = processor(images=random_image((256, 256), seed=1), text=QUESTION, return_tensors="pt")
+    clean = processor(images=random_image((256, 256), seed=0), text=text, return_tensors="pt")
+    corrupt = processor(images=random_image((256, 256), seed=1), text=text, return_tensors="pt")
     with torch.no_grad():
-        answer = model(**clean)[:, -1].argmax(-1)
-    metric = metrics.logit_diff(answer, (answer + 1) % model.cfg.text_decoder.d_vocab)
+        logits = model(**clean)
+        answer = logits[:, -1].argmax(-1)
+    metric = metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
     examples = torch.arange(1)
-    L, H = model.tower_info("text_encoder").n_layers, model.tower_info("text_encoder").n_heads
-    name = "text_encoder.blocks.{}.cross_attn.hook_z"
+    L, H = model.tower_info(tower).n_layers, model.tower_info(tower).n_heads
+    name = tower + ".blocks.{}." + attention + ".hook_z"
 
     def patched_forward(z_clean, layer, head):
         def hook(z, hook):
@@ -71,11 +82,11 @@ def main() -> None:
         return metric(model.run_with_hooks(**corrupt, fwd_hooks=[(name.format(layer), hook)]), examples)
 
     def engine():
-        return patching.patch_heads(model, clean, corrupt, metric, tower="text_encoder", attention="cross_attn",
+        return patching.patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention,
                                     batch_size=64, progress=False)
 
     def tl_loop():
-        _, cache = model.run_with_cache(**clean, names_filter=lambda n: n.endswith("cross_attn.hook_z"))
+        _, cache = model.run_with_cache(**clean, names_filter=[name.format(layer) for layer in range(L)])
         return torch.stack([torch.cat([patched_forward(cache[name.format(layer)], layer, head) for head in range(H)])
                             for layer in range(L)])
 
@@ -89,8 +100,7 @@ def main() -> None:
         return out
 
     def attribution():
-        return patching.attribution_patch_heads(model, clean, corrupt, metric, tower="text_encoder",
-                                                attention="cross_attn")
+        return patching.attribution_patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention)
 
     with torch.no_grad():
         results = {"engine": engine(), "TL loop": tl_loop(), "NOTICE loop": notice_loop()}
@@ -107,15 +117,16 @@ def main() -> None:
         for h in handles:
             h.remove()
         rows[label] = dict(counts)
-    print("| run | " + " | ".join(f"{t} block-rows" for t in model.tower_names) + " |")
-    print("|---|" + "---|" * len(model.tower_names))
+    towers = list(model.towers())
+    print("| run | " + " | ".join(f"{t} block-rows" for t in towers) + " |")
+    print("|---|" + "---|" * len(towers))
     for label, counts in rows.items():
-        print(f"| {label} | " + " | ".join(str(counts.get(t, 0)) for t in model.tower_names) + " |")
+        print(f"| {label} | " + " | ".join(str(counts.get(t, 0)) for t in towers) + " |")
     print()
 
     timings = compare({"engine": engine, "TL loop": tl_loop, "NOTICE loop": notice_loop},
                       repeats=args.repeats, warmup=1)
-    print(report(f"BLIP-VQA mid-size, {L}x{H} question-encoder cross-attention heads", timings, baseline="engine"))
+    print(report(f"{args.family} mid-size, {L}x{H} {tower} {attention} heads", timings, baseline="engine"))
     forward = compare({"forward": lambda: model(**corrupt), "attribution": attribution}, repeats=5, warmup=1)
     print()
     print(report("attribution patching (same sweep) vs one forward", forward, baseline="forward"))
