@@ -28,8 +28,6 @@ def load(model_name: str | None, tiny: str, device: str) -> HookedVLM:
     if tiny == "blip-vqa":
         hf, processor = builders.build_blip("vqa", seed=0, image_size=64, patch=16)
     elif tiny == "llava":
-        hf, processor = builders.build_llava(seed=0)
-    elif tiny == "llava":
         hf, processor = builders.build_llava(seed=0, image_size=48, patch=8)
     elif tiny == "instructblip":
         hf, processor = builders.build_instructblip("llama", seed=0)

@@ -233,3 +233,115 @@ def test_bad_inputs(llava):
         model(**text_only, pixel_values=inputs["pixel_values"][:1])
     with pytest.raises(ValueError, match="expected"):
         model(**{**inputs, "pixel_values": torch.zeros(2, 3, 48, 48)})
+
+
+# ------------------------------------------------------------------------------------------ configurations
+def _mistral_llava(window):
+    """The tiny LLaVA with a Mistral-shaped LM (same blocks; `window`: its sliding window)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    from hooked_vlm.tiny import randomize_parameters_
+
+    hf, processor = build_llava(seed=9)
+    text = {k: v for k, v in hf.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    cfg = LlavaConfig(vision_config=hf.config.vision_config.to_dict(),
+                      text_config=MistralConfig(**{**text, "sliding_window": window}).to_dict(),
+                      image_token_index=hf.config.image_token_id, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    mistral = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    return randomize_parameters_(mistral, seed=9), processor
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_mistral_shaped_lm(window):
+    hf, processor = _mistral_llava(window)
+    assert hf.config.text_config.model_type == "mistral"
+    model = HookedVLM.from_hf(hf, processor=processor)
+    assert model.lm.cfg.sliding_window == window
+    inputs = processor(images=IMAGES, text=PROMPTS, padding=True, return_tensors="pt")
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ours, ref = model(**inputs), hf(**inputs, position_ids=mask_positions(inputs)).logits
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
+        if window is not None:  # the window binds on these ~30-token prompts
+            model.lm.cfg.sliding_window = None
+            assert not torch.allclose(model(**inputs)[keep], ref[keep], atol=1e-3)
+            model.lm.cfg.sliding_window = window
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5), hf.generate(**inputs, max_new_tokens=5,
+                                                                              do_sample=False))
+
+
+def test_rows_with_different_numbers_of_images():
+    """Two images in row 0, none in row 1, one in row 2: images fill the placeholders in order."""
+    hf, processor = build_llava(seed=10)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    texts = ["USER: <image> <image>\ncompare them ASSISTANT:", "USER: hello there ASSISTANT:",
+             "USER: <image>\nhi ASSISTANT:"]
+    images = IMAGES + [random_image((30, 60), seed=2)]
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ours, ref = model(**inputs), hf(**inputs, position_ids=mask_positions(inputs)).logits
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
+    assert [len(spans) for spans in model.last_positions.image] == [2, 0, 1]
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4), hf.generate(**inputs, max_new_tokens=4,
+                                                                              do_sample=False))
+
+
+def test_generation_stops_at_eos_as_hf(llava):
+    hf, model, inputs = llava
+    greedy = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
+    eos = int(greedy[0, inputs["input_ids"].shape[1] + 1])  # row 0's second new token ends it
+    ours = model.generate(**inputs, max_new_tokens=6, eos_token_id=eos)
+    assert torch.equal(ours, hf.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=eos))
+
+
+def test_from_pretrained_local_directory(tmp_path):
+    hf, processor = build_llava(seed=11, kv_heads=2)
+    hf.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model = HookedVLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert isinstance(model, HookedLlava)
+    inputs = model.processor(images=IMAGES[0], text=PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), hf(**inputs).logits, atol=1e-4, rtol=0)
+
+
+def test_image_tokens_split_across_prompts_are_an_error(llava):
+    hf, model, inputs = llava
+    per_image = model.cfg.tokens_per_image
+    ids = inputs["input_ids"].clone()
+    image_id = hf.config.image_token_id
+    row0 = torch.nonzero(ids[0] == image_id).flatten()
+    ids[0, row0[-2:]] = 5  # two of image 0's tokens moved to prompt 1: the totals still match
+    row1 = torch.nonzero(ids[1] != image_id).flatten()
+    ids[1, row1[-2:]] = image_id
+    with pytest.raises(ValueError, match=f"example 0 holds {per_image - 2} <image> tokens"):
+        model(**{**inputs, "input_ids": ids})
+    gap = inputs["input_ids"].clone()
+    gap[0, row0[3]], gap[0, row0[-1] + 1] = 5, image_id  # one image's tokens with a hole in them
+    with pytest.raises(ValueError, match="must be consecutive"):
+        model(**{**inputs, "input_ids": gap})
+
+
+def test_object_patches_example_runs(capsys, monkeypatch):
+    import importlib
+    import sys
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    module = importlib.import_module("llava_object_patches")
+    try:
+        assert module.main(["--device", "cpu"]) == 0
+    finally:
+        sys.modules.pop("llava_object_patches", None)
+    out = capsys.readouterr().out
+    assert "the square covers patch rows [0, 1, 2], columns [0, 1, 2]: 9 tokens" in out  # tiny: 48 px, patch 8
+    assert out.count("| 1 |") == 1  # one row per LM layer
+
+
+def test_feature_layer_out_of_range_is_named():
+    hf, _ = build_llava(seed=12)
+    hf.config.vision_feature_layer = [-2, 7]
+    with pytest.raises(ValueError, match=r"vision_feature_layer \[-2, 7\] is out of range .* 3 layers"):
+        HookedVLM.from_hf(hf)

@@ -18,9 +18,8 @@ def llama_config(tc: Any) -> LlamaConfig:
     if rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported (only the default rotary embedding)")
     base = rope.get("rope_theta", getattr(tc, "rope_theta", 10_000.0))
-    if getattr(tc, "sliding_window", None) is not None and getattr(tc, "use_sliding_window", True):
-        raise ValueError(f"sliding-window attention ({tc.sliding_window}) is not supported; a Mistral-shaped LM "
-                         "loads with sliding_window=None")
+    # Mistral's sliding window (HF: create_sliding_window_causal_mask whenever config.sliding_window is set)
+    window = getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None
     H = tc.num_attention_heads
     d_head = getattr(tc, "head_dim", None) or tc.hidden_size // H
     attn = AttnConfig(H, d_head, n_kv_heads=getattr(tc, "num_key_value_heads", None) or H,
@@ -30,7 +29,7 @@ def llama_config(tc: Any) -> LlamaConfig:
                         MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act), gated=True,
                                   bias=bool(getattr(tc, "mlp_bias", False))),
                         NormConfig("rms", tc.rms_norm_eps), layout="pre")
-    return LlamaConfig(tc.vocab_size, tc.num_hidden_layers, block)
+    return LlamaConfig(tc.vocab_size, tc.num_hidden_layers, block, sliding_window=window)
 
 
 def convert_llama_lm(w: SourceWeights, cfg: LlamaConfig, src: str, dst: str, *, body: str | None = None,

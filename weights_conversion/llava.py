@@ -38,6 +38,10 @@ def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
     layers = hf.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     counts = tuple(layer if layer >= 0 else vc.num_hidden_layers + 1 + layer for layer in layers)  # hidden_states
+    if not all(0 <= c <= vc.num_hidden_layers for c in counts):
+        raise ValueError(f"vision_feature_layer {hf.vision_feature_layer} is out of range for a CLIP tower of "
+                         f"{vc.num_hidden_layers} layers (its hidden states are {-vc.num_hidden_layers - 1}.."
+                         f"{vc.num_hidden_layers})")
     H = vc.num_attention_heads
     block = BlockConfig(vc.hidden_size, AttnConfig(H, vc.hidden_size // H, softmax_fp32=True),
                         MLPConfig(vc.intermediate_size, act=activation(vc.hidden_act)),

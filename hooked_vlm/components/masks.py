@@ -24,13 +24,18 @@ def padding_mask(attention_mask: Int[Tensor, "B S"], dtype: torch.dtype) -> Floa
     return _additive(attention_mask[:, None, None, :].bool(), dtype)
 
 
-def causal_mask(attention_mask: Int[Tensor, "B S"], n_queries: int, dtype: torch.dtype) -> Float[Tensor, "B 1 T S"]:
+def causal_mask(attention_mask: Int[Tensor, "B S"], n_queries: int, dtype: torch.dtype,
+                window: int | None = None) -> Float[Tensor, "B 1 T S"]:
     """Causal attention for the last `n_queries` positions of a sequence of S keys (S - T of them from earlier
-    generation steps): query i may attend to non-pad keys at or before its own position."""
+    generation steps): query i may attend to non-pad keys at or before its own position, and with a sliding `window`
+    only to the last `window` of them (Mistral: key j > i - window, pads counted, as HF's sliding_window_overlay)."""
     S = attention_mask.shape[1]
     q_pos = torch.arange(S - n_queries, S, device=attention_mask.device)
     k_pos = torch.arange(S, device=attention_mask.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+    allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
     return _additive(allowed, dtype)
 
 

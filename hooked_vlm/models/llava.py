@@ -106,6 +106,15 @@ class HookedLlava(HookedVLM):
                 f"the prompts hold {n_tokens} <image> tokens, but {n_images} image(s) need {per_image} each "
                 f"({n_images * per_image}); put one '<image>' per image in the text and build the inputs with "
                 "model.processor(images=..., text=...), which expands each into the image's tokens")
+        for b, row in enumerate(is_image.cpu()):  # one transfer; the spans are read on the CPU anyway
+            idx = torch.nonzero(row).flatten()
+            if len(idx) % per_image:
+                raise ValueError(f"example {b} holds {len(idx)} <image> tokens, not a multiple of the {per_image} "
+                                 "tokens of one image: each image's tokens must sit in one prompt")
+            runs = idx.view(-1, per_image) if len(idx) else idx.view(0, per_image)
+            if (runs[:, -1] - runs[:, 0] != per_image - 1).any():
+                raise ValueError(f"example {b}: the {per_image} <image> tokens of each image must be consecutive, "
+                                 "as the processor writes them")
         if pixel_values is not None:
             self.vision.check_pixels(pixel_values)
         return is_image
@@ -163,8 +172,10 @@ class HookedLlava(HookedVLM):
         return self.lm.logits(self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions))
 
     def _generate(self, *, max_new_tokens: int, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
-                  attention_mask: Tensor | None = None, **unused: Any) -> Tensor:
-        """Greedy decoding with a KV cache; returns the prompt and the new tokens, as HF."""
+                  attention_mask: Tensor | None = None, eos_token_id: int | list[int] | None = None,
+                  pad_token_id: int | None = None, **unused: Any) -> Tensor:
+        """Greedy decoding with a KV cache; returns the prompt and the new tokens, as HF. `eos_token_id` and
+        `pad_token_id` override the model's (taken from the HF config), as in HF's generate."""
         if input_ids is None:
             raise ValueError("input_ids is missing: pass the processor's output")
         if attention_mask is None:
@@ -180,5 +191,6 @@ class HookedLlava(HookedVLM):
                             attention_mask=mask, position_ids=positions, past=past)
             return self.lm.logits(resid[:, -1:])[:, -1]
 
-        return greedy_decode(step, input_ids, attention_mask, max_new_tokens, eos_token_id=self.cfg.eos_token_id,
-                             pad_token_id=self.cfg.pad_token_id)
+        return greedy_decode(step, input_ids, attention_mask, max_new_tokens,
+                             eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                             pad_token_id=self.cfg.pad_token_id if pad_token_id is None else pad_token_id)

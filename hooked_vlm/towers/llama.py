@@ -28,6 +28,7 @@ class LlamaConfig:
     d_vocab: int
     n_layers: int
     block: BlockConfig  # pre-LN, RMS norm, attention with `rotary`, gated MLP
+    sliding_window: int | None = None  # Mistral: each token attends to the last `sliding_window` tokens only
 
     @property
     def d_model(self) -> int:
@@ -91,7 +92,7 @@ class LlamaTower(Tower):
         if position_ids is None:
             position_ids = generation_positions(attention_mask)[:, start:]
         rotary = self.rotary(position_ids.to(x.device), x.dtype)  # once per forward, shared by every block
-        mask = causal_mask(attention_mask, T, x.dtype)
+        mask = causal_mask(attention_mask, T, x.dtype, window=self.cfg.sliding_window)
         for i in range(first, self.cfg.n_layers):
             x = self.blocks[i](x, mask=mask, rotary=rotary, past=past.blocks[i] if past is not None else None)
         if past is not None:
