@@ -238,12 +238,4 @@ class HookedInstructBlip(HookedVLM):
             return greedy_decode(t5_step, ids, None, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
 
         embeds = self._lm_inputs(self.lm.embed_tokens(input_ids), is_image, queries)
-        past = self.lm.new_cache()
-
-        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            first = past.length == 0
-            resid = self.lm(input_ids=None if first else new_ids, inputs_embeds=embeds if first else None,
-                            attention_mask=mask, position_ids=positions, past=past)
-            return self.lm.logits(resid[:, -1:])[:, -1]
-
-        return greedy_decode(step, input_ids, attention_mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        return greedy_decode(self.lm.decode_step(embeds), input_ids, attention_mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)

@@ -183,14 +183,6 @@ class HookedLlava(HookedVLM):
         is_image = self._image_tokens(input_ids, pixel_values)
         self.last_positions = self._positions(input_ids, attention_mask, is_image)
         embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
-        past = self.lm.new_cache()
-
-        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            first = past.length == 0
-            resid = self.lm(input_ids=None if first else new_ids, inputs_embeds=embeds if first else None,
-                            attention_mask=mask, position_ids=positions, past=past)
-            return self.lm.logits(resid[:, -1:])[:, -1]
-
-        return greedy_decode(step, input_ids, attention_mask, max_new_tokens,
+        return greedy_decode(self.lm.decode_step(embeds), input_ids, attention_mask, max_new_tokens,
                              eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
                              pad_token_id=self.cfg.pad_token_id if pad_token_id is None else pad_token_id)

@@ -56,6 +56,19 @@ class LlamaTower(Tower):
     def new_cache(self) -> KVCache:
         return KVCache.for_tower(self)
 
+    def decode_step(self, prompt_embeds: Float[Tensor, "B T D"]):
+        """A step function for `greedy_decode`: the prompt's embeddings (the image written in) on the first call,
+        then one new token at a time, with a KV cache."""
+        past = self.new_cache()
+
+        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+            first = past.length == 0
+            resid = self(input_ids=None if first else new_ids, inputs_embeds=prompt_embeds if first else None,
+                         attention_mask=mask, position_ids=positions, past=past)
+            return self.logits(resid[:, -1:])[:, -1]
+
+        return step
+
     def forward(
         self,
         input_ids: Int[Tensor, "B T"] | None = None,
