@@ -50,7 +50,7 @@ class HookedVLM(HookedRootModule):
 
         The hooked model gets its own copy of the weights, unless `share_weights=True` lets it keep views of the
         HF tensors where no reshaping was needed (saves memory; then editing one model edits the other).
-        `options` are model switches (for BLIP: `mask_cross_attention`).
+        `options` are model switches: `mask_cross_attention` (BLIP), `hf_positions` (LLaVA, InstructBLIP).
         """
         from weights_conversion import converter_for
 
