@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--family", choices=["blip", "llava"], default="blip")
+    parser.add_argument("--at", choices=["all", "last"], default="all",
+                        help="patch each head at every position at once, or at the last token only (NOTICE's LLaVA "
+                             "sweep patches the token of interest)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,16 +77,19 @@ def main() -> None:
     L, H = model.tower_info(tower).n_layers, model.tower_info(tower).n_heads
     name = tower + ".blocks.{}." + attention + ".hook_z"
 
+    at = slice(None) if args.at == "all" else slice(-1, None)
+    positions = None if args.at == "all" else [clean["input_ids"].shape[1] - 1]
+
     def patched_forward(z_clean, layer, head):
         def hook(z, hook):
             z = z.clone()
-            z[:, :, head] = z_clean[:, :, head]
+            z[:, at, head] = z_clean[:, at, head]
             return z
         return metric(model.run_with_hooks(**corrupt, fwd_hooks=[(name.format(layer), hook)]), examples)
 
     def engine():
         return patching.patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention,
-                                    batch_size=64, progress=False)
+                                    positions=positions, batch_size=64, progress=False)
 
     def tl_loop():
         _, cache = model.run_with_cache(**clean, names_filter=[name.format(layer) for layer in range(L)])
@@ -100,7 +106,8 @@ def main() -> None:
         return out
 
     def attribution():
-        return patching.attribution_patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention)
+        return patching.attribution_patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention,
+                                                positions=positions)
 
     with torch.no_grad():
         results = {"engine": engine(), "TL loop": tl_loop(), "NOTICE loop": notice_loop()}
@@ -126,7 +133,8 @@ def main() -> None:
 
     timings = compare({"engine": engine, "TL loop": tl_loop, "NOTICE loop": notice_loop},
                       repeats=args.repeats, warmup=1)
-    print(report(f"{args.family} mid-size, {L}x{H} {tower} {attention} heads", timings, baseline="engine"))
+    print(report(f"{args.family} mid-size, {L}x{H} {tower} {attention} heads, patched at {args.at} positions",
+                 timings, baseline="engine"))
     forward = compare({"forward": lambda: model(**corrupt), "attribution": attribution}, repeats=5, warmup=1)
     print()
     print(report("attribution patching (same sweep) vs one forward", forward, baseline="forward"))

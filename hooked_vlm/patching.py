@@ -22,6 +22,8 @@ from torch import Tensor
 
 from . import corruption
 from . import metrics as metrics_
+from .components import BlockKV, LayerKV
+from .components.kv_cache import KVCache
 from .models.base import HookedVLM
 
 Direction = Literal["denoise", "noise"]
@@ -47,7 +49,7 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [f"hook_{hook}"])
     pos = run.positions(positions, f"hook_{hook}")  # [B, P]
     return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.hook_{hook}"], pos.shape[1], _patch_position(pos),
-                     normalize, batch_size, progress)
+                     normalize, batch_size, progress, cut=int(pos.min()))
 
 
 def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: metrics_.Metric, *,
@@ -78,21 +80,21 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     pos = run.positions(positions, leaf, dim=2 if activation == "pattern" else 1)  # [B, P]
     n_pos = pos.shape[1]
 
-    def patch(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
+    def patch(act: Tensor, source: Tensor, variant: Tensor, example: Tensor, offset: int) -> Tensor:
         act = act.clone()
         view, src = by_head(act), by_head(source)
         rows = torch.arange(act.shape[0], device=act.device)
         if by_position:  # variant = head * n_pos + position index
             head, p = variant // n_pos, pos[example, variant % n_pos]
-            view[rows, p, head] = src[example, p, head].to(act.dtype)
+            view[rows, p - offset, head] = src[example, p, head].to(act.dtype)
         else:  # variant = head, at all the positions at once
             head, p = variant[:, None], pos[example]
-            view[rows[:, None], p, head] = src[example[:, None], p, head].to(act.dtype)
+            view[rows[:, None], p - offset, head] = src[example[:, None], p, head].to(act.dtype)
         return act
 
     n_variants = n_heads * n_pos if by_position else n_heads
     out = run.sweep(lambda layer: [f"{tower}.blocks.{layer}.{leaf}"], n_variants, patch, normalize, batch_size,
-                    progress)
+                    progress, cut=int(pos.min()))
     return out.view(out.shape[0], n_heads, n_pos) if by_position else out
 
 
@@ -152,7 +154,8 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
         run = _Runs(model, inputs, clean_run, metric, tower, [leaf], clean_is_source=True,
                     target_hooks=[corruption.add_hook(site, offset)])
         pos = run.positions(positions, leaf)
-        results.append(run.sweep(cell_hooks, pos.shape[1], _patch_position(pos), normalize, batch_size, progress))
+        results.append(run.sweep(cell_hooks, pos.shape[1], _patch_position(pos), normalize, batch_size, progress,
+                                 cut=int(pos.min())))
     return torch.stack(results).mean(0)
 
 
@@ -273,7 +276,7 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
     run = _Runs(model, inputs, None, metric, tower, [leaf], clean_is_source=True)
     n_heads = run.source_act(leaf).shape[2]
 
-    def ablate(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
+    def ablate(act: Tensor, source: Tensor, variant: Tensor, example: Tensor, offset: int) -> Tensor:
         rows = torch.arange(act.shape[0], device=act.device)
         act = act.clone()
         if mode == "zero":
@@ -288,7 +291,9 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
 
 
 # ---------------------------------------------------------------------------------------------- engine
-Patch = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (activation, source activation, variant, example)
+# (activation, source activation, variant, example, offset): the activation may cover only the positions from
+# `offset` on (a run resumed on a suffix); the source always covers the whole sequence
+Patch = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 
 class _Runs:
@@ -312,6 +317,17 @@ class _Runs:
         def wanted(name: str) -> bool:
             return name.startswith(f"{tower}.blocks.") and name.endswith(tuple("." + leaf for leaf in leaves))
 
+        # a causal tower with a KV cache resumes on the positions after the first patched one: keep its keys (after
+        # rotary, as the cache holds them) and values to stand for the unchanged prefix
+        self.prefix_resumable = model.towers()[tower].prefix_resumable
+        kv_leaves = ("attn.hook_rot_k" if f"{tower}.blocks.0.attn.hook_rot_k" in model.hook_dict else "attn.hook_k",
+                     "attn.hook_v")
+        self.kv_names = [[f"{tower}.blocks.{i}.{leaf}" for leaf in kv_leaves] for i in range(self.n_layers)]
+
+        def target_wanted(name: str) -> bool:
+            return wanted(name) or (name.startswith(f"{tower}.blocks.") and name.endswith(
+                (".hook_resid_pre",) + (tuple("." + leaf for leaf in kv_leaves) if self.prefix_resumable else ())))
+
         with torch.no_grad():
             if isinstance(source, tuple):  # a run the caller already made (its cache must hold the leaves)
                 source_logits, self.source = source
@@ -321,8 +337,8 @@ class _Runs:
             # of the towers before this one, and the patched hooks (to check that lengths agree)
             with model.hooks(self.target_hooks):
                 target_logits, self.target_cache = model.run_with_cache(
-                    **self.target, tower_outputs=True, names_filter=lambda n: wanted(n) or (
-                        n.startswith(f"{tower}.blocks.") and n.endswith(".hook_resid_pre")))
+                    **self.target, tower_outputs=True, names_filter=target_wanted)
+        self.target_logits = target_logits
         if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
             source_logits, self.source = target_logits, self.target_cache
         examples = torch.arange(self.B, device=target_logits.device)
@@ -358,12 +374,24 @@ class _Runs:
                 "equal or patch named spans")
         return _positions(positions, self.B, source_len)
 
+    def _prefix(self, first: int, cut: int, n: int) -> KVCache | None:
+        if not cut:
+            return None
+        kv = [None if i < first else tuple(_repeat(self.target_cache[name], n) for name in self.kv_names[i])
+              for i in range(self.n_layers)]
+        return _prefix_cache(kv, cut)
+
     def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
-              batch_size: int, progress: bool, per_example: bool = False
+              batch_size: int, progress: bool, per_example: bool = False, cut: int = 0
               ) -> Float[Tensor, "n_layers n_variants *B"]:
         """For each layer, the metric of each variant (mean over examples, or per example), patched at the hooks
-        `cell_hooks(layer)` (all in this tower; the run resumes at the first of their blocks)."""
+        `cell_hooks(layer)` (all in this tower; the run resumes at the first of their blocks).
+
+        `cut`: no patch touches a position before it. In a causal tower with a KV cache those positions are then
+        the target run's at every layer, so the resumed runs compute only the positions from `cut` on, with the
+        target's keys and values for the rest, and take the target's logits there."""
         B = self.B
+        cut = cut if self.prefix_resumable else 0
         per_chunk = max(1, batch_size // B)  # variants per forward
         out = torch.full((self.n_layers, n_variants, B), float("nan"))
         layers = [layer for layer in range(self.n_layers)
@@ -378,14 +406,16 @@ class _Runs:
             first = min(int(name.split(".")[2]) for name in names)
 
             def hook(act: Tensor, hook: Any) -> Tensor:
-                return patch(act, self.source[hook.name], variant, example)
+                return patch(act, self.source[hook.name], variant, example, cut)
 
             inputs = {k: _repeat(v, n) for k, v in self.target.items()}
             given = {k: _repeat(v, n) for k, v in self.given.items()}
-            resid = _repeat(self.target_cache[f"{self.tower}.blocks.{first}.hook_resid_pre"], n)
-            with torch.no_grad(), self.model.resume(self.tower, first, resid, given):
+            resid = _repeat(self.target_cache[f"{self.tower}.blocks.{first}.hook_resid_pre"][:, cut:], n)
+            with torch.no_grad(), self.model.resume(self.tower, first, resid, given, self._prefix(first, cut, n)):
                 logits = self.model.run_with_hooks(**inputs, fwd_hooks=[*self.target_hooks,
                                                                         *((name, hook) for name in names)])
+            if cut:  # the prefix's logits are the target run's
+                logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
             values = self.metric(logits, example.to(logits.device)).float().view(n, B)
             if normalize:
                 values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
@@ -395,13 +425,20 @@ class _Runs:
         return out if per_example else out.mean(dim=2)
 
 
+def _prefix_cache(kv: list[tuple[Tensor, Tensor] | None], cut: int) -> KVCache:
+    """A KV cache of the first `cut` positions, from per-block (keys, values) [B, T, H_kv, d] (None: not needed)."""
+    blocks = [BlockKV(LayerKV(*(None, None) if pair is None else (pair[0][:, :cut], pair[1][:, :cut])), LayerKV())
+              for pair in kv]
+    return KVCache(blocks, length=cut)
+
+
 def _patch_position(pos: Tensor) -> Patch:
     """Variant v of example b takes the source's activation at position pos[b, v]."""
 
-    def patch(act: Tensor, source: Tensor, variant: Tensor, example: Tensor) -> Tensor:
+    def patch(act: Tensor, source: Tensor, variant: Tensor, example: Tensor, offset: int) -> Tensor:
         rows, p = torch.arange(act.shape[0], device=act.device), pos[example, variant].to(act.device)
         act = act.clone()
-        act[rows, p] = source[example, p].to(act.dtype)
+        act[rows, p - offset] = source[example, p].to(act.dtype)
         return act
 
     return patch

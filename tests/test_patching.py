@@ -415,3 +415,32 @@ def test_instructblip_head_sweeps_equal_naive_loop(instructblip, direction):
         expected = naive(model, clean, corrupt, metric, f"qformer.blocks.{layer}.hook_resid_mid_cross", edit_pos, 3,
                          direction, False)
         torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_llava_last_token_sweeps_resume_on_the_suffix(llava, monkeypatch):
+    """Patching at the last token only: the resumed runs compute one position per row (the prefix's keys and values
+    come from the corrupted run) and still equal the naive loop."""
+    model, clean, corrupt, metric = llava
+    last = [clean["input_ids"].shape[1] - 1]
+    lengths = []
+    monkeypatch.setattr(model.lm, "finish", lambda out: lengths.append(out.shape[1]) or out)
+    heads = patching.patch_heads(model, clean, corrupt, metric, tower="lm", positions=last, by_position=True,
+                                 progress=False)
+    assert set(lengths[2:]) == {1}  # after the clean and corrupted runs, every resumed run is one token long
+    monkeypatch.undo()
+    for layer in range(2):
+        def edit(act, src, head):
+            act[:, last, head] = src[:, last, head]
+            return act
+        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.attn.hook_z", edit, 4, "denoise", False)
+        torch.testing.assert_close(heads[layer, :, 0], expected, atol=1e-5, rtol=1e-5)
+    target = model(**clean)[:, -1].argmax(-1)
+    T = clean["input_ids"].shape[1]
+    trace = patching.causal_trace(model, clean, target, tower="lm", positions=[T - 2, T - 1], window=2, seed=1,
+                                  progress=False)
+    with torch.no_grad():
+        model(**clean)
+    sites = model.image_embeddings_mask(model.last_positions)
+    expected = naive_trace(model, clean, target, "lm.hook_inputs_embeds", sites, 3.0, 1, "lm", "hook_resid_post", 2,
+                           [T - 2, T - 1])
+    torch.testing.assert_close(trace, expected, atol=1e-6, rtol=1e-5)

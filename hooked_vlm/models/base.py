@@ -140,12 +140,16 @@ class HookedVLM(HookedRootModule):
                 tower.record_output, tower.recorded_output = False, None
 
     @contextlib.contextmanager
-    def resume(self, tower: str, layer: int, resid: torch.Tensor, given: Mapping[str, torch.Tensor] = {}
-               ) -> Iterator["HookedVLM"]:
+    def resume(self, tower: str, layer: int, resid: torch.Tensor, given: Mapping[str, torch.Tensor] = {},
+               prefix: Any = None) -> Iterator["HookedVLM"]:
         """Inside the block, a forward skips the towers named in `given` (their outputs are the given tensors),
         starts `tower` at block `layer` from `resid` (the stream entering that block, as cached at
         `{tower}.blocks.{layer}.hook_resid_pre`), and runs the rest as usual. Inputs still go in whole (masks and
-        positions come from them); what a patch at block `layer` of `tower` cannot change is not recomputed."""
+        positions come from them); what a patch at block `layer` of `tower` cannot change is not recomputed.
+
+        `prefix` (a causal tower with `prefix_resumable`): a `KVCache` holding, for blocks `layer` on, the keys and
+        values of the first `prefix.length` positions; `resid` then covers only the positions after them, and the
+        tower's outputs too."""
         towers = self.towers()
         target = towers.get(tower)
         if target is None:
@@ -156,13 +160,15 @@ class HookedVLM(HookedRootModule):
         unknown = set(given) - set(towers)
         if unknown:
             raise KeyError(f"given outputs for unknown towers {sorted(unknown)}; towers: {', '.join(towers)}")
+        if prefix is not None and not target.prefix_resumable:
+            raise ValueError(f"tower {tower!r} cannot resume on a suffix (it is not a causal tower with a KV cache)")
         try:
-            target.resume_at = (layer, resid)
+            target.resume_at, target.resume_past = (layer, resid), prefix
             for name, output in given.items():
                 towers[name].given_output = output
             yield self
         finally:
-            target.resume_at = None
+            target.resume_at = target.resume_past = None
             for t in towers.values():
                 t.given_output = None
 

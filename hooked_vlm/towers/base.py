@@ -12,6 +12,10 @@ class Tower(nn.Module):
         super().__init__()
         self.given_output: Tensor | None = None  # returned as the tower's output, nothing computed
         self.resume_at: tuple[int, Tensor] | None = None  # (block, stream entering it): skip what comes before
+        # causal towers that take a KV cache can also resume on a suffix of the sequence: the keys and values of
+        # the prefix (positions the resumed run cannot change) come from this cache instead of being recomputed
+        self.resume_past = None
+        self.prefix_resumable = False
         self.recorded_output: Tensor | None = None  # set on every forward while `record_output` is on
         self.record_output = False
         # absolute position of the current forward's first token: 0, or while generating with a KV cache the

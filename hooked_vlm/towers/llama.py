@@ -41,6 +41,7 @@ class LlamaTower(Tower):
         if cfg.block.attn.rotary is None:
             raise ValueError("a Llama tower's attention needs rotary positions (AttnConfig.rotary)")
         self.cfg = cfg
+        self.prefix_resumable = True
         D = cfg.d_model
         self.embed = Embed(cfg.d_vocab, D)
         self.hook_embed = HookPoint()  # [B, T, D] token embeddings (image positions still hold the placeholder)
@@ -89,6 +90,8 @@ class LlamaTower(Tower):
         """
         if self.given_output is not None:
             return self.given_output
+        if past is None and self.resume_past is not None:
+            past = self.resume_past  # resuming on the suffix after a cached prefix
         start = past.length if past is not None else 0
         self.position_offset = start
         first, x = self.start()
@@ -104,6 +107,8 @@ class LlamaTower(Tower):
                              f"({start} earlier and {T} new tokens)")
         if position_ids is None:
             position_ids = generation_positions(attention_mask)[:, start:]
+        elif position_ids.shape[1] == start + T:  # the whole sequence's positions: keep the new tokens'
+            position_ids = position_ids[:, start:]
         rotary = self.rotary(position_ids.to(x.device), x.dtype)  # once per forward, shared by every block
         mask = causal_mask(attention_mask, T, x.dtype, window=self.cfg.sliding_window)
         for i in range(first, self.cfg.n_layers):
