@@ -72,11 +72,15 @@ class HookedVLM(HookedRootModule):
                         cache_dir: str | os.PathLike | None = None, revision: str | None = None,
                         **options: Any) -> "HookedVLM":
         """Load a hub id or a local directory through transformers, convert it and attach its processor as
-        `model.processor`.
+        `model.processor`; or a folder written by `save_pretrained` (hooked_vlm's own format).
 
         Without network the files come from the local HF cache (`local_files_only=True` goes there directly and
         skips the hub's retries). `options` are model switches, as in `from_hf`.
         """
+        from .. import serialization
+
+        if serialization.is_hooked_checkpoint(name_or_path):  # hooked_vlm's own format: no transformers model
+            return serialization.load(name_or_path, device=device, dtype=dtype)
         import transformers
 
         def load(local_only: bool):
@@ -105,6 +109,14 @@ class HookedVLM(HookedRootModule):
                             **options)
         del hf_model
         return model
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        overwrite: bool = False):
+        """Write hooked_vlm's own format (safetensors shards, the config, the processor), atomically;
+        `HookedVLM.from_pretrained(out_dir)` loads it without transformers' model classes."""
+        from .. import serialization
+
+        return serialization.save(self, out_dir, dtype=dtype, overwrite=overwrite)
 
     # ------------------------------------------------------------------ introspection
     def tower(self, name: str) -> nn.Module:

@@ -1,0 +1,88 @@
+"""hooked_vlm's own format: round trips for every family, atomic writes, corrupted shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM, serialization
+from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, random_image
+
+IMAGES = [random_image(seed=0), random_image(seed=1)]
+
+
+def family(name):
+    if name == "blip":
+        hf, processor = build_blip("vqa", seed=1)
+        return hf, processor, processor(images=IMAGES, text=["what color is it", "how many"], padding=True,
+                                        return_tensors="pt")
+    if name == "llava":
+        hf, processor = build_llava(seed=1, kv_heads=2)
+        return hf, processor, processor(images=IMAGES, text=["USER: <image>\nwhat is this? ASSISTANT:",
+                                                             "USER: <image>\nhi ASSISTANT:"], padding=True,
+                                        return_tensors="pt")
+    hf, processor = build_instructblip(name.split("-")[1], seed=1)
+    return hf, processor, processor(images=IMAGES, text=["what is in the picture?", "describe this"], padding=True,
+                                    return_tensors="pt")
+
+
+@pytest.mark.parametrize("name", ["blip", "llava", "instructblip-llama", "instructblip-t5"])
+def test_round_trip_equals_hf(name, tmp_path, monkeypatch):
+    hf, processor, inputs = family(name)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    out = model.save_pretrained(tmp_path / "hooked", dtype=None)
+    assert (out / serialization.CONFIG_NAME).is_file() and list(out.glob("*.safetensors"))
+    from transformers import PreTrainedModel
+
+    def no_model_classes(*args, **kwargs):
+        raise AssertionError("loading hooked_vlm's format must not build a transformers model")
+    monkeypatch.setattr(PreTrainedModel, "__init__", no_model_classes)
+    loaded = HookedVLM.from_pretrained(out)
+    assert type(loaded) is type(model) and loaded.cfg == model.cfg
+    assert type(loaded.processor) is type(processor)
+    assert loaded.processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+
+
+def test_small_shards_and_dtype(tmp_path):
+    hf, processor, inputs = family("blip")
+    model = HookedVLM.from_hf(hf, processor=processor)
+    out = serialization.save(model, tmp_path / "half", dtype=torch.bfloat16, shard_bytes=64 * 1024)
+    assert len(list(out.glob("*.safetensors"))) > 3
+    loaded = HookedVLM.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.vision.W_pos, model.vision.W_pos.to(torch.bfloat16))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    hf, processor, _ = family("blip")
+    model = HookedVLM.from_hf(hf, processor=processor)
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted while writing the second shard
+        from safetensors.torch import save_file
+        save_file(tensors, path, metadata=metadata)
+    monkeypatch.setattr(serialization, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        serialization.save(model, tmp_path / "out", shard_bytes=64 * 1024)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_or_missing_shard_is_named(tmp_path):
+    hf, processor, _ = family("blip")
+    out = HookedVLM.from_hf(hf, processor=processor).save_pretrained(tmp_path / "m")
+    shard = sorted(out.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=shard.name):
+        HookedVLM.from_pretrained(out)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        HookedVLM.from_pretrained(out)
+    with pytest.raises(FileExistsError, match="exists"):
+        HookedVLM.from_hf(hf).save_pretrained(out)
