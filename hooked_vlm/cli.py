@@ -1,6 +1,7 @@
 """`hooked-vlm`: the analyses from the command line.
 
     hooked-vlm info  [--model M]
+    hooked-vlm convert SOURCE OUT_DIR [--dtype bfloat16]
     hooked-vlm patch [--model M] [--clean-image A --corrupt-image B | --corrupt-prompt Q'] [--prompt Q]
                      [--answer X --wrong-answer Y] [--heads | --resid] [--tower T] [--attention cross_attn]
     hooked-vlm trace [--model M] [--image A] [--prompt Q] [--tower T] [--kind resid] [--window 1] [--samples 1]
@@ -202,6 +203,15 @@ def cmd_lens(args: argparse.Namespace) -> None:
         print(f"  layer {layer:3d}: " + "  ".join(f"{t} {p:.3f}" for t, p in zip(row, probs)))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from weights_conversion.__main__ import main as convert
+
+    argv = [args.source, args.out_dir] + (["--dtype", args.dtype] if args.dtype else []) + (
+        ["--overwrite"] if args.overwrite else [])
+    if convert(argv) != 0:
+        raise CLIError(f"could not convert {args.source!r} (see the message above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hooked-vlm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("info", cmd_info, "towers, layers, heads and hook count of a model")
+    convert = sub.add_parser("convert", help="an HF checkpoint -> hooked_vlm's own format (safetensors)")
+    convert.set_defaults(fn=cmd_convert)
+    convert.add_argument("source", help="hub id or local HF directory")
+    convert.add_argument("out_dir")
+    convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    convert.add_argument("--overwrite", action="store_true")
     for name, fn, help in (("patch", cmd_patch, "head or residual patching on an image pair or a text pair"),
                            ("trace", cmd_trace, "causal tracing with noised image embeddings"),
                            ("lens", cmd_lens, "logit lens table")):

@@ -86,3 +86,23 @@ def test_corrupted_or_missing_shard_is_named(tmp_path):
         HookedVLM.from_pretrained(out)
     with pytest.raises(FileExistsError, match="exists"):
         HookedVLM.from_hf(hf).save_pretrained(out)
+
+
+def test_conversion_command_and_cli(tmp_path, capsys):
+    from hooked_vlm import cli
+    from weights_conversion.__main__ import main as convert
+
+    hf, processor, inputs = family("llava")
+    hf.save_pretrained(tmp_path / "hf")
+    processor.save_pretrained(tmp_path / "hf")
+    assert convert([str(tmp_path / "hf"), str(tmp_path / "hooked"), "--dtype", "float32"]) == 0
+    loaded = HookedVLM.from_pretrained(tmp_path / "hooked")
+    with torch.no_grad():
+        ref = HookedVLM.from_hf(hf)(**inputs)
+        torch.testing.assert_close(loaded(**inputs), ref, atol=1e-5, rtol=0)
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert HookedVLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    assert convert([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "hooked")]) == 2  # exists: one-line error
+    err = capsys.readouterr().err
+    assert "exists" in err and "Traceback" not in err
