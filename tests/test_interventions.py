@@ -367,3 +367,36 @@ def test_instructblip_logit_lens_and_knockout(lm):
         _, cache = model.run_with_cache(**inputs, names_filter="qformer.blocks.0.cross_attn.hook_pattern")
     pattern = cache["qformer.blocks.0.cross_attn.hook_pattern"]
     assert torch.all(pattern[:, :, :2, 1:] == 0) and torch.allclose(pattern[:, :, :2, 0], torch.ones(1))
+
+
+@pytest.mark.parametrize("family", ["llava", "instructblip"])
+def test_head_interventions_on_llava_and_instructblip(family):
+    """Zero/mean-of-others ablation and rescaling equal hand edits of hook_z, on padded batches."""
+    from hooked_vlm.tiny import build_instructblip, build_llava
+
+    if family == "llava":
+        hf, processor = build_llava(seed=6)
+        texts = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
+        tower, attention = "lm", "attn"
+    else:
+        hf, processor = build_instructblip("llama", seed=6)
+        texts = ["what is in the picture?", "describe this image"]
+        tower, attention = "qformer", "cross_attn"
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=[random_image(seed=0), random_image(seed=1)], text=texts, padding=True,
+                       return_tensors="pt")
+    name = f"{tower}.blocks.0.{attention}.hook_z"
+    cases = [
+        (interventions.ablate_heads(model, [(0, 1)], tower=tower, attention=attention),
+         lambda z: z.index_fill(2, torch.tensor([1]), 0.0)),
+        (interventions.ablate_heads(model, [(0, 2)], mode="mean_of_others", tower=tower, attention=attention),
+         lambda z: torch.cat([z[:, :, :2], z[:, :, [0, 1, 3]].mean(2, keepdim=True), z[:, :, 3:]], dim=2)),
+        (interventions.scale_heads(model, {(0, 3): 1.5}, tower=tower, attention=attention),
+         lambda z: torch.cat([z[:, :, :3], z[:, :, 3:] * 1.5], dim=2)),
+    ]
+    with torch.no_grad():
+        for hooks, edit in cases:
+            ours = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+            ref = model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda z, hook, edit=edit: edit(z))])
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)  # mean_of_others sums in another order
+            assert not torch.allclose(ours, model(**inputs))
