@@ -18,6 +18,7 @@ from hooked_vlm.towers.qformer import QFormerConfig
 from hooked_vlm.towers.t5 import T5StackConfig
 
 from .blip import activation, bert_block_config, convert_bert_layer, convert_vit, vit_config
+from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config  # the decoder-only LM, shared with LLaVA
 from .registry import register_converter
 from .state_dict import SourceWeights
@@ -55,11 +56,11 @@ def instructblip_config(hf: Any, *, hf_positions: bool = False) -> InstructBlipC
                          "where the image goes in the prompt; set it to the id of the tokenizer's <image> token")
     common = dict(vision=vit_config(hf.vision_config, qkv_bias=getattr(hf.vision_config, "qkv_bias", True)),
                   qformer=qformer_config(hf), d_lm=tc.hidden_size if hasattr(tc, "hidden_size") else tc.d_model,
-                  image_token_id=hf.image_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
-                  bos_token_id=getattr(tc, "bos_token_id", None), hf_positions=hf_positions)
+                  image_token_id=hf.image_token_id, hf_positions=hf_positions, **generation_tokens(hf))
     if hf.use_decoder_only_language_model:
         return InstructBlipConfig(lm=llama_config(tc), **common)
-    return InstructBlipConfig(lm_encoder=t5_stack_config(tc, decoder=False), lm_decoder=t5_stack_config(tc, decoder=True),
+    return InstructBlipConfig(lm_encoder=t5_stack_config(tc, decoder=False),
+                              lm_decoder=t5_stack_config(tc, decoder=True),
                               decoder_start_token_id=_decoder_start(tc), **common)
 
 

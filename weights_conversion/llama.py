@@ -23,7 +23,8 @@ def llama_config(tc: Any) -> LlamaConfig:
     H = tc.num_attention_heads
     d_head = getattr(tc, "head_dim", None) or tc.hidden_size // H
     attn = AttnConfig(H, d_head, n_kv_heads=getattr(tc, "num_key_value_heads", None) or H,
-                      bias=bool(getattr(tc, "attention_bias", False)), out_bias=bool(getattr(tc, "attention_bias", False)),
+                      bias=bool(getattr(tc, "attention_bias", False)),
+                      out_bias=bool(getattr(tc, "attention_bias", False)),
                       softmax_fp32=True, rotary=RotaryConfig(float(base)))
     block = BlockConfig(tc.hidden_size, attn,
                         MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act), gated=True,

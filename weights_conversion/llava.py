@@ -12,23 +12,10 @@ from hooked_vlm.models.llava import HookedLlava, LlavaConfig
 from hooked_vlm.towers.vit import VisionConfig
 
 from .blip import activation
+from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config
 from .registry import register_converter
 from .state_dict import SourceWeights
-
-
-def _generation_tokens(hf: Any) -> dict[str, Any]:
-    """The token ids HF's generate uses (its generation config is built from the model config)."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig.from_model_config(hf)
-    tc = hf.text_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tc.eos_token_id
-    pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(hf, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos  # HF's generate pads with eos when it has no pad token
-    return {"bos_token_id": gen.bos_token_id if gen.bos_token_id is not None else tc.bos_token_id,
-            "eos_token_id": eos, "pad_token_id": pad}
 
 
 def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
@@ -54,7 +41,7 @@ def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
     return LlavaConfig(vision, llama_config(hf.text_config), counts, hf.vision_feature_select_strategy,
                        hf.image_token_id, projector_act=activation(hf.projector_hidden_act),
                        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)), hf_positions=hf_positions,
-                       **_generation_tokens(hf))
+                       **generation_tokens(hf))
 
 
 @register_converter("LlavaForConditionalGeneration", HookedLlava, llava_config)

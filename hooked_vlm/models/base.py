@@ -98,7 +98,8 @@ class HookedVLM(HookedRootModule):
             processor = transformers.AutoProcessor.from_pretrained(name_or_path, **kw)
             return hf_model, processor
 
-        local_only = local_files_only or os.path.isdir(name_or_path) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        local_only = local_files_only or os.path.isdir(name_or_path) or offline
         try:
             hf_model, processor = load(local_only)
         except OSError:

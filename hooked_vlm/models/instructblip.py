@@ -238,4 +238,5 @@ class HookedInstructBlip(HookedVLM):
             return greedy_decode(t5_step, ids, None, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
 
         embeds = self._lm_inputs(self.lm.embed_tokens(input_ids), is_image, queries)
-        return greedy_decode(self.lm.decode_step(embeds), input_ids, attention_mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        return greedy_decode(self.lm.decode_step(embeds), input_ids, attention_mask, max_new_tokens,
+                             eos_token_id=eos, pad_token_id=pad)
