@@ -311,8 +311,9 @@ def llava():
     corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
                         return_tensors="pt")
     with torch.no_grad():
-        answer = model(**clean)[:, -1].argmax(-1)
-    return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % 439)
+        logits = model(**clean)
+    answer = logits[:, -1].argmax(-1)
+    return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -372,9 +373,9 @@ def instructblip(request):
     corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
                         return_tensors="pt")
     with torch.no_grad():
-        answer = model(**clean)[:, -1].argmax(-1)
-    vocab = model(**clean).shape[-1]
-    return request.param, model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % vocab)
+        logits = model(**clean)
+    answer = logits[:, -1].argmax(-1)
+    return request.param, model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
 
 
 def naive_heads(model, clean, corrupt, metric, tower, attention, n_heads, direction, normalize):
