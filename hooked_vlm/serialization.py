@@ -3,12 +3,13 @@ processor's files. Loading it needs no transformers model class (only the proces
 
     out_dir/
       hooked_vlm_config.json      {"format": "hooked_vlm", "version": 1, "model_class": ..., "config": ...,
-                                   "shards": {file: [tensor names]}}
-      model-00001.safetensors ...
+                                   "shards": {file: [tensor names]}, "hf_origin": {"hf_class", "config", "unused"}}
+      model-00001.safetensors ...  the hooked state dict, then the HF tensors hooked_vlm does not use (`hf_unused.*`)
       processor files (as the processor's save_pretrained writes them)
 
 Writes are atomic: everything goes to a temporary folder beside `out_dir`, renamed at the end, so an interrupted
-save leaves nothing at `out_dir`.
+save leaves nothing at `out_dir`. Shards are written and read one tensor at a time (`shards.py`): saving holds
+nothing beyond the model, and loading builds the model on the meta device and reads each tensor once, into place.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .shards import Entry, ShardReader, write_shards
 
 CONFIG_NAME = "hooked_vlm_config.json"
 FORMAT_VERSION = 1
@@ -77,39 +80,42 @@ def decode_config(data: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- save and load
-def save(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, shard_bytes: int = 2 * 2**30,
-         overwrite: bool = False) -> Path:
-    """Write `model` (a HookedVLM) to `out_dir` in hooked_vlm's format; returns the folder."""
+UNUSED_PREFIX = "hf_unused."
+DEFAULT_SHARD_BYTES = 2 * 2**30
+
+
+@dataclass
+class HFOrigin:
+    """What exporting back to transformers needs beyond the hooked weights: the HF class and config, and the HF
+    tensors hooked_vlm does not use (LLaVA's vision blocks after the feature layer), kept on the CPU."""
+
+    hf_class: str
+    config: dict[str, Any]
+    unused: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def write_checkpoint(out_dir: str | os.PathLike, *, model_class: str, cfg: Any, entries: Iterable[Entry],
+                     hf_origin: HFOrigin | None = None, unused: Iterable[Entry] = (), processor: Any = None,
+                     shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                     progress: Callable[[Entry], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically from entries made one at a time (`save` and the streaming converter
+    both come here). `unused`: the HF tensors of `hf_origin.unused`, named without the prefix."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; remove it or pass overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shards: dict[str, list[str]] = {}
-        current: dict[str, torch.Tensor] = {}
-        size = 0
-
-        def flush() -> None:  # write each shard as soon as it is full: at most one shard is held in memory
-            nonlocal current, size
-            if current:
-                file = f"model-{len(shards) + 1:05d}.safetensors"
-                save_file(current, tmp / file, metadata={"format": "pt"})
-                shards[file] = list(current)
-                current, size = {}, 0
-
-        for name, tensor in model.state_dict().items():
-            t = tensor.detach().to("cpu", dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
-            if size and size + t.numel() * t.element_size() > shard_bytes:
-                flush()
-            current[name] = t.contiguous()
-            size += t.numel() * t.element_size()
-        flush()
-        meta = {"format": "hooked_vlm", "version": FORMAT_VERSION, "model_class": type(model).__name__,
-                "config": encode_config(model.cfg), "shards": shards}
+        unused = [Entry(UNUSED_PREFIX + e.name, e.dtype, e.shape, e.make) for e in unused]
+        shards = write_shards([*entries, *unused], tmp, shard_bytes=shard_bytes, progress=progress)
+        meta = {"format": "hooked_vlm", "version": FORMAT_VERSION, "model_class": model_class,
+                "config": encode_config(cfg), "shards": shards}
+        if hf_origin is not None:
+            meta["hf_origin"] = {"hf_class": hf_origin.hf_class, "config": hf_origin.config,
+                                 "unused": [e.name for e in unused]}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
-        if model.processor is not None:
-            model.processor.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -119,45 +125,86 @@ def save(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return out
 
 
+def tensor_entries(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> list[Entry]:
+    """Entries for tensors that exist already, cast to `dtype` (floating point ones) one at a time when written."""
+    def entry(name: str, t: torch.Tensor) -> Entry:
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return Entry(name, target, tuple(t.shape), lambda: t.detach().to("cpu", target))
+
+    return [entry(name, t) for name, t in tensors]
+
+
+def save(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+         shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write `model` (a HookedVLM) to `out_dir` in hooked_vlm's format; returns the folder."""
+    origin = model.hf_origin
+    return write_checkpoint(out_dir, model_class=type(model).__name__, cfg=model.cfg,
+                            entries=tensor_entries(model.state_dict().items(), dtype), hf_origin=origin,
+                            unused=tensor_entries(origin.unused.items(), dtype) if origin else (),
+                            processor=model.processor, shard_bytes=shard_bytes, overwrite=overwrite)
+
+
 def is_hooked_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def load(path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """Load a folder written by `save`: the model is built on the meta device and each tensor is read from the
-    memory-mapped shards once, straight into place."""
-    from . import models
-    from .models.base import load_converted
-
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     meta = json.loads((path / CONFIG_NAME).read_text())
     if meta.get("format") != "hooked_vlm" or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path / CONFIG_NAME} is not a hooked_vlm checkpoint of format version {FORMAT_VERSION}")
+    return meta
+
+
+def build_empty(meta: dict[str, Any]):
+    """The model of a checkpoint's metadata, built on the meta device (no memory, no initialisation)."""
+    from . import models
+
     model_class = getattr(models, meta["model_class"], None)
     if model_class is None:
-        raise ValueError(f"{path}: unknown model class {meta['model_class']!r}")
-    cfg = decode_config(meta["config"])
+        raise ValueError(f"unknown model class {meta['model_class']!r}")
     with torch.device("meta"):
-        model = model_class(cfg)
-    state = {}
-    for file, names in meta["shards"].items():
-        shard = path / file
-        if not shard.is_file():
-            raise FileNotFoundError(f"{path}: the shard {file} is missing")
-        try:
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                stored = set(f.keys())
-                missing = [n for n in names if n not in stored]
-                if missing:
-                    raise ValueError(f"{shard} lacks tensors {missing[:5]}")
-                for name in names:
-                    t = f.get_tensor(name)
-                    state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        except SafetensorError as e:
-            raise ValueError(f"{shard} is corrupted or truncated ({e}); convert the checkpoint again") from e
+        return model_class(decode_config(meta["config"]))
+
+
+def load(path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         device_map: Any = None, **placement: Any):
+    """Load a folder written by `save` or by the converter: the model is built on the meta device and each tensor
+    is read once, straight to its device. `device_map` (and `max_memory`, `offload_dir`) as in
+    `HookedVLM.from_pretrained`."""
+    from .models.base import load_converted
+    from .placement import device_for, dispatch, resolve_device_map
+
+    path = Path(path)
+    meta = read_meta(path)
+    model = build_empty(meta)
+    files = [path / file for file in meta["shards"]]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: the shard {file.name} is missing")
+    device_map = resolve_device_map(model, device_map, dtype=dtype, **placement) if device_map is not None else None
+    state, unused = {}, {}
+    with ShardReader(files) as reader:
+        for file, names in meta["shards"].items():
+            missing = [n for n in names if reader.location.get(n) != path / file]
+            if missing:
+                raise ValueError(f"{path / file} lacks tensors {missing[:5]}")
+            for name in names:
+                if name.startswith(UNUSED_PREFIX):
+                    unused[name[len(UNUSED_PREFIX):]] = reader.read(name, dtype)
+                else:
+                    target = device_for(name, device_map) if device_map is not None else device
+                    state[name] = reader.read(name, dtype).to(target or "cpu")
     load_converted(model, state, source=str(path))
+    origin = meta.get("hf_origin")
+    if origin is not None:
+        model.hf_origin = HFOrigin(origin["hf_class"], origin["config"], unused)
     if any(path.glob("*processor*")) or any(path.glob("tokenizer*")):
         from transformers import AutoProcessor
 
         model.processor = AutoProcessor.from_pretrained(path)
-    return model.to(device=device).eval()
+    model.eval()
+    if device_map is not None:
+        return dispatch(model, device_map, **placement)
+    return model.to(device=device)
+

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_vlm import HookedVLM, serialization
+from hooked_vlm import HookedVLM, serialization, shards
+from hooked_vlm.shards import Entry
 from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, random_image
 
 IMAGES = [random_image(seed=0), random_image(seed=1)]
@@ -61,14 +62,14 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     hf, processor, _ = family("blip")
     model = HookedVLM.from_hf(hf, processor=processor)
     calls = []
+    write_shard = shards._write_shard
 
-    def failing_save(tensors, path, metadata=None):
+    def failing_write(path, entries, metadata):
         calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # interrupted while writing the second shard
-        from safetensors.torch import save_file
-        save_file(tensors, path, metadata=metadata)
-    monkeypatch.setattr(serialization, "save_file", failing_save)
+        if len(calls) == 2:  # interrupted while writing the second shard, half of it on disk
+            entries = [*entries[:1], Entry("boom", torch.float32, (1,), lambda: (_ for _ in ()).throw(KeyboardInterrupt))]
+        write_shard(path, entries, metadata)
+    monkeypatch.setattr(shards, "_write_shard", failing_write)
     with pytest.raises(KeyboardInterrupt):
         serialization.save(model, tmp_path / "out", shard_bytes=64 * 1024)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

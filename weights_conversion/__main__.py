@@ -2,36 +2,52 @@
 
 Convert a transformers checkpoint (a hub id or a local HF directory) to hooked_vlm's own format in OUT_DIR
 (written atomically); `HookedVLM.from_pretrained(OUT_DIR)` then loads it without transformers' model classes.
-Today the source is loaded through transformers first, so peak memory is about twice the weights.
+Safetensors checkpoints are streamed tensor by tensor (memory: a few tensors, not the model); pickle-only ones are
+loaded through transformers' own safe loader first.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def convert(source: str, out_dir: str, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    from .checkpoint import NoSafetensors
+    from .streaming import convert_checkpoint
+
+    try:
+        return convert_checkpoint(source, out_dir, dtype=dtype, overwrite=overwrite, progress=progress)
+    except NoSafetensors:
+        from hooked_vlm import HookedVLM
+
+        model = HookedVLM.from_pretrained(source, dtype=dtype)
+        return model.save_pretrained(out_dir, dtype=dtype, overwrite=overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="hub id or local HF directory")
     parser.add_argument("out_dir", help="where to write hooked_vlm's format (must not exist)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="store the weights in this dtype")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="store the weights in this dtype (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from hooked_vlm import HookedVLM
-
     try:
-        dtype = DTYPES[args.dtype] if args.dtype else None
-        model = HookedVLM.from_pretrained(args.source, dtype=dtype)
-        out = model.save_pretrained(args.out_dir, dtype=dtype, overwrite=args.overwrite)
+        out = convert(args.source, args.out_dir, dtype=DTYPES[args.dtype] if args.dtype else None,
+                      overwrite=args.overwrite, progress=not args.quiet)
     except (OSError, ValueError, KeyError) as e:
         print(f"weights_conversion: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of safetensors)")
     return 0
 
 

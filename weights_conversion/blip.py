@@ -16,7 +16,7 @@ from hooked_vlm.towers.bert import TextConfig
 from hooked_vlm.towers.vit import VisionConfig
 
 from .registry import register_converter
-from .state_dict import SourceWeights
+from .state_dict import ConversionPlan, SourceWeights
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "quick_gelu": "quick_gelu", "silu": "silu", "relu": "relu"}
@@ -94,8 +94,8 @@ def itm_config(hf: Any, **options: Any) -> BlipConfig:
 # ---------------------------------------------------------------------------------------------- weights
 def convert_vit(w: SourceWeights, cfg: VisionConfig, src: str, dst: str) -> None:
     """BLIP/EVA vision tower: `{src}embeddings.*`, `{src}encoder.layers.{i}.*`, `{src}post_layernorm.*`."""
-    w.out[dst + "class_embed"] = w.take(src + "embeddings.class_embedding").reshape(-1)
-    w.out[dst + "W_pos"] = w.take(src + "embeddings.position_embedding").reshape(cfg.n_tokens, -1)
+    w.put(dst + "class_embed", src + "embeddings.class_embedding", (-1,))
+    w.put(dst + "W_pos", src + "embeddings.position_embedding", (cfg.n_tokens, -1))
     w.copy({"patch_embed.W_patch": "embeddings.patch_embedding.weight",
             "patch_embed.b_patch": "embeddings.patch_embedding.bias",
             "ln_post.w": "post_layernorm.weight", "ln_post.b": "post_layernorm.bias"}, dst, src)
@@ -116,11 +116,11 @@ def convert_bert_attention(w: SourceWeights, dst: str, src: str, *, cross: bool,
     q, k, v = (f"{src}{inner}.{name}" for name in ("query", "key", "value"))
     for kind in ("weight", "bias"):
         if cross:
-            w.out[f"{dst}q_{kind}"] = w.take(f"{q}.{kind}")
+            w.put(f"{dst}q_{kind}", f"{q}.{kind}")
             w.concat(f"{dst}kv_{kind}", [f"{k}.{kind}", f"{v}.{kind}"])
         else:
             w.concat(f"{dst}qkv_{kind}", [f"{q}.{kind}", f"{k}.{kind}", f"{v}.{kind}"])
-        w.out[f"{dst}o_{kind}"] = w.take(f"{src}output.dense.{kind}")
+        w.put(f"{dst}o_{kind}", f"{src}output.dense.{kind}")
 
 
 def convert_bert_layer(w: SourceWeights, cfg: BlockConfig, dst: str, src: str, *, attn_inner: str = "self",
@@ -166,17 +166,17 @@ def _convert_blip(state: Mapping[str, Tensor], cfg: BlipConfig, source: str) -> 
 
 
 @register_converter("BlipForConditionalGeneration", HookedBlipCaptioning, caption_config)
-def convert_caption(state: Mapping[str, Tensor], cfg: BlipConfig) -> dict[str, Tensor]:
+def convert_caption(state: Mapping[str, Tensor], cfg: BlipConfig) -> ConversionPlan:
     return _convert_blip(state, cfg, "BlipForConditionalGeneration").finish()
 
 
 @register_converter("BlipForQuestionAnswering", HookedBlipVQA, vqa_config)
-def convert_vqa(state: Mapping[str, Tensor], cfg: BlipConfig) -> dict[str, Tensor]:
+def convert_vqa(state: Mapping[str, Tensor], cfg: BlipConfig) -> ConversionPlan:
     return _convert_blip(state, cfg, "BlipForQuestionAnswering").finish()
 
 
 @register_converter("BlipForImageTextRetrieval", HookedBlipITM, itm_config)
-def convert_itm(state: Mapping[str, Tensor], cfg: BlipConfig) -> dict[str, Tensor]:
+def convert_itm(state: Mapping[str, Tensor], cfg: BlipConfig) -> ConversionPlan:
     w = _convert_blip(state, cfg, "BlipForImageTextRetrieval")
     w.copy({f"{m}.{k}": f"{m}.{k}" for m in ("itm_head", "vision_proj", "text_proj") for k in ("weight", "bias")})
     return w.finish()

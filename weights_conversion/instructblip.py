@@ -21,7 +21,7 @@ from .blip import activation, bert_block_config, convert_bert_layer, convert_vit
 from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config  # the decoder-only LM, shared with LLaVA
 from .registry import register_converter
-from .state_dict import SourceWeights
+from .state_dict import ConversionPlan, SourceWeights
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -94,39 +94,38 @@ def convert_t5_stack(w: SourceWeights, cfg: T5StackConfig, src: str, dst: str) -
         d, s = f"{dst}blocks.{i}.", f"{src}block.{i}.layer."
         attn = f"{s}0.SelfAttention."
         w.concat(f"{d}attn.qkv_weight", [attn + "q.weight", attn + "k.weight", attn + "v.weight"])
-        w.out[f"{d}attn.o_weight"] = w.take(attn + "o.weight")
-        w.out[f"{d}ln1.w"] = w.take(f"{s}0.layer_norm.weight")
+        w.put(f"{d}attn.o_weight", attn + "o.weight")
+        w.put(f"{d}ln1.w", f"{s}0.layer_norm.weight")
         if cfg.decoder:
             cross = f"{s}1.EncDecAttention."
-            w.out[f"{d}cross_attn.q_weight"] = w.take(cross + "q.weight")
+            w.put(f"{d}cross_attn.q_weight", cross + "q.weight")
             w.concat(f"{d}cross_attn.kv_weight", [cross + "k.weight", cross + "v.weight"])
-            w.out[f"{d}cross_attn.o_weight"] = w.take(cross + "o.weight")
-            w.out[f"{d}ln_cross.w"] = w.take(f"{s}1.layer_norm.weight")
+            w.put(f"{d}cross_attn.o_weight", cross + "o.weight")
+            w.put(f"{d}ln_cross.w", f"{s}1.layer_norm.weight")
         mlp = f"{s}{ffn}.DenseReluDense."
         if cfg.block.mlp.gated:  # [gate; linear], as MLP keeps them
             w.concat(f"{d}mlp.in_weight", [mlp + "wi_0.weight", mlp + "wi_1.weight"])
         else:
-            w.out[f"{d}mlp.in_weight"] = w.take(mlp + "wi.weight")
-        w.out[f"{d}mlp.out_weight"] = w.take(mlp + "wo.weight")
-        w.out[f"{d}ln2.w"] = w.take(f"{s}{ffn}.layer_norm.weight")
+            w.put(f"{d}mlp.in_weight", mlp + "wi.weight")
+        w.put(f"{d}mlp.out_weight", mlp + "wo.weight")
+        w.put(f"{d}ln2.w", f"{s}{ffn}.layer_norm.weight")
 
 
 def convert_t5_lm(w: SourceWeights, cfg: InstructBlipConfig, src: str) -> None:
-    shared = w.take(src + "shared.weight")
-    w.out["lm_encoder.embed.W_E"] = shared
-    w.out["lm_decoder.embed.W_E"] = shared
+    w.put("lm_encoder.embed.W_E", src + "shared.weight")  # one HF tensor, a copy in each stack
+    w.put("lm_decoder.embed.W_E", src + "shared.weight")
     w.drop(src + "encoder.embed_tokens.weight", same_as=src + "shared.weight")  # tied aliases
     w.drop(src + "decoder.embed_tokens.weight", same_as=src + "shared.weight")
     convert_t5_stack(w, cfg.lm_encoder, src + "encoder.", "lm_encoder.")
     convert_t5_stack(w, cfg.lm_decoder, src + "decoder.", "lm_decoder.")
-    w.out["lm_decoder.unembed.weight"] = w.take(src + "lm_head.weight")
+    w.put("lm_decoder.unembed.weight", src + "lm_head.weight")
 
 
 @register_converter("InstructBlipForConditionalGeneration", HookedInstructBlip, instructblip_config)
-def convert_instructblip(state: Mapping[str, Tensor], cfg: InstructBlipConfig) -> dict[str, Tensor]:
+def convert_instructblip(state: Mapping[str, Tensor], cfg: InstructBlipConfig) -> ConversionPlan:
     w = SourceWeights(state, "InstructBlipForConditionalGeneration")
     convert_vit(w, cfg.vision, "vision_model.", "vision.")
-    w.out["qformer.query_tokens"] = w.take("query_tokens").reshape(cfg.qformer.n_query, -1)
+    w.put("qformer.query_tokens", "query_tokens", (cfg.qformer.n_query, -1))
     convert_qformer(w, cfg.qformer, "qformer.", "qformer.")
     w.copy({"projector.weight": "language_projection.weight", "projector.bias": "language_projection.bias"})
     if cfg.is_encoder_decoder:

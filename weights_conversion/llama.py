@@ -40,17 +40,17 @@ def convert_llama_lm(w: SourceWeights, cfg: LlamaConfig, src: str, dst: str, *, 
     body = body if body is not None else src + "model."
     head = head if head is not None else src + "lm_head.weight"
     w.copy({"embed.W_E": "embed_tokens.weight", "ln_final.w": "norm.weight"}, dst, body)
-    w.out[dst + "unembed.weight"] = w.take(head)
+    w.put(dst + "unembed.weight", head)
     bias = cfg.block.attn.bias
     for i in range(cfg.n_layers):
         s, d = f"{body}layers.{i}.", f"{dst}blocks.{i}."
         w.concat(d + "attn.qkv_weight", [f"{s}self_attn.{p}_proj.weight" for p in "qkv"])
         if bias:
             w.concat(d + "attn.qkv_bias", [f"{s}self_attn.{p}_proj.bias" for p in "qkv"])
-            w.out[d + "attn.o_bias"] = w.take(s + "self_attn.o_proj.bias")
+            w.put(d + "attn.o_bias", s + "self_attn.o_proj.bias")
         w.concat(d + "mlp.in_weight", [s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"])  # [gate; linear]
         if cfg.block.mlp.bias:
             w.concat(d + "mlp.in_bias", [s + "mlp.gate_proj.bias", s + "mlp.up_proj.bias"])
-            w.out[d + "mlp.out_bias"] = w.take(s + "mlp.down_proj.bias")
+            w.put(d + "mlp.out_bias", s + "mlp.down_proj.bias")
         w.copy({"attn.o_weight": "self_attn.o_proj.weight", "mlp.out_weight": "mlp.down_proj.weight",
                 "ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight"}, d, s)

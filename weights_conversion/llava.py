@@ -15,7 +15,7 @@ from .blip import activation
 from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config
 from .registry import register_converter
-from .state_dict import SourceWeights
+from .state_dict import ConversionPlan, SourceWeights
 
 
 def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
@@ -45,7 +45,7 @@ def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
 
 
 @register_converter("LlavaForConditionalGeneration", HookedLlava, llava_config)
-def convert_llava(state: Mapping[str, Tensor], cfg: LlavaConfig) -> dict[str, Tensor]:
+def convert_llava(state: Mapping[str, Tensor], cfg: LlavaConfig) -> ConversionPlan:
     w = SourceWeights(state, "LlavaForConditionalGeneration")
     v, n_blocks = "model.vision_tower.", cfg.vision.n_layers
     w.copy({"class_embed": "embeddings.class_embedding", "patch_embed.W_patch": "embeddings.patch_embedding.weight",

@@ -8,24 +8,31 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .state_dict import ConversionPlan
+
 
 @dataclass(frozen=True)
 class Converter:
     hf_class: str
     model_class: type  # the hooked model class
     config: Callable[..., Any]  # (hf_config, **options) -> hooked config
-    convert: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]  # (hf state dict, hooked config) -> state
+    # (HF state dict, hooked config) -> the plan; only the tensors' shapes are read (meta tensors do)
+    plan: Callable[[Mapping[str, Tensor], Any], ConversionPlan]
+
+    def convert(self, state: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+        """Convert an in-memory HF state dict (the hooked tensors only)."""
+        return self.plan(state, cfg).apply(state)
 
 
 CONVERTERS: dict[str, Converter] = {}
 
 
 def register_converter(hf_class: str, model_class: type, config: Callable[..., Any]):
-    """Decorator registering a weight converter for `hf_class` (the transformers model class name)."""
+    """Decorator registering a conversion planner for `hf_class` (the transformers model class name)."""
 
-    def wrap(convert):
-        CONVERTERS[hf_class] = Converter(hf_class, model_class, config, convert)
-        return convert
+    def wrap(plan):
+        CONVERTERS[hf_class] = Converter(hf_class, model_class, config, plan)
+        return plan
 
     return wrap
 

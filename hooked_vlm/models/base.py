@@ -41,6 +41,7 @@ class HookedVLM(HookedRootModule):
     image_embeddings_hook: str = ""  # where the image enters the text side (causal tracing noises it)
     prompt_tower: str = ""  # the tower reading the prompt's tokens: the sequence `last_positions` describes
     output_tower: str = ""  # the tower whose head predicts tokens (logit lens), if any
+    hf_origin: Any = None  # serialization.HFOrigin: the HF class, config and unused tensors, for `to_hf`
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -52,64 +53,79 @@ class HookedVLM(HookedRootModule):
         HF tensors where no reshaping was needed (saves memory; then editing one model edits the other).
         `options` are model switches: `mask_cross_attention` (BLIP), `hf_positions` (LLaVA, InstructBLIP).
         """
+        import json
+
         from weights_conversion import converter_for
+
+        from ..serialization import HFOrigin
 
         converter = converter_for(hf_model)
         cfg = converter.config(hf_model.config, **options)
         with torch.device("meta"):
             model = converter.model_class(cfg)
-        state = converter.convert(hf_model.state_dict(), cfg)
+        hf_state = hf_model.state_dict()
+        plan = converter.plan(hf_state, cfg)
+        state = plan.apply(hf_state)
+        unused = {k: hf_state[k].detach().to("cpu") for k in plan.unused}
         if not share_weights:
-            hf_storage = {t.untyped_storage().data_ptr() for t in hf_model.state_dict().values()}
+            hf_storage = {t.untyped_storage().data_ptr() for t in hf_state.values()}
             state = {k: t.clone() if t.untyped_storage().data_ptr() in hf_storage else t for k, t in state.items()}
+            unused = {k: t.clone() for k, t in unused.items()}
         load_converted(model, state, source=type(hf_model).__name__)
+        model.hf_origin = HFOrigin(converter.hf_class, json.loads(hf_model.config.to_json_string(use_diff=False)),
+                                   unused)
         model.processor = processor
         return model.to(device=device, dtype=dtype).eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, local_files_only: bool = False,
-                        cache_dir: str | os.PathLike | None = None, revision: str | None = None,
-                        **options: Any) -> "HookedVLM":
-        """Load a hub id or a local directory through transformers, convert it and attach its processor as
+                        dtype: torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
+                        max_memory: dict[Any, int | str] | None = None, offload_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
+                        revision: str | None = None, **options: Any) -> "HookedVLM":
+        """Load a hub id or a local directory of an HF checkpoint, convert it and attach its processor as
         `model.processor`; or a folder written by `save_pretrained` (hooked_vlm's own format).
+
+        Safetensors checkpoints are converted while they are read, tensor by tensor, into a model built on the meta
+        device: peak memory is about the weights in `dtype` (None: the checkpoint's own), and no transformers model
+        is built. Pickle-only checkpoints go through transformers' own (safe) loader.
+
+        `device_map` spreads the model over devices with accelerate: "auto" (or "balanced", "sequential") fills
+        the GPUs, then the CPU (`max_memory` caps each, e.g. {0: "20GiB", "cpu": "60GiB"}), then `offload_dir`; or
+        a dict {module name: device}, e.g. {"vision": 0, "lm.blocks.0": 0, ..., "lm.unembed": 1}. Each block runs
+        on one device; see `hooked_vlm.placement`.
 
         Without network the files come from the local HF cache (`local_files_only=True` goes there directly and
         skips the hub's retries). `options` are model switches, as in `from_hf`.
         """
-        from .. import serialization
+        from weights_conversion.checkpoint import NoSafetensors, resolve
+        from weights_conversion.streaming import load_checkpoint
 
+        from .. import serialization
+        from ..placement import dispatch, resolve_device_map
+
+        placement = {"max_memory": max_memory, "offload_dir": offload_dir}
         if serialization.is_hooked_checkpoint(name_or_path):  # hooked_vlm's own format: no transformers model
-            return serialization.load(name_or_path, device=device, dtype=dtype)
+            return serialization.load(name_or_path, device=device, dtype=dtype, device_map=device_map, **placement)
+        folder = resolve(name_or_path, local_files_only=local_files_only, cache_dir=cache_dir, revision=revision)
+        try:
+            return load_checkpoint(folder, dtype=dtype, device=device, device_map=device_map, placement=placement,
+                                   **options)
+        except NoSafetensors:
+            pass
         import transformers
 
-        def load(local_only: bool):
-            kw = {"local_files_only": local_only, "cache_dir": cache_dir, "revision": revision}
-            config = transformers.AutoConfig.from_pretrained(name_or_path, **kw)
-            arch = (config.architectures or [None])[0]
-            hf_cls = getattr(transformers, arch, None) if arch else None
-            if hf_cls is None:
-                raise ValueError(f"{name_or_path}: its config names no transformers architecture this version knows "
-                                 f"({arch!r})")
-            from weights_conversion import converter_for
+        from weights_conversion.checkpoint import hf_class
 
-            converter_for(arch)  # fail before loading gigabytes of an unsupported model
-            hf_model = hf_cls.from_pretrained(name_or_path, dtype=dtype or "auto", **kw)
-            processor = transformers.AutoProcessor.from_pretrained(name_or_path, **kw)
-            return hf_model, processor
-
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        local_only = local_files_only or os.path.isdir(name_or_path) or offline
-        try:
-            hf_model, processor = load(local_only)
-        except OSError:
-            if local_only:
-                raise
-            hf_model, processor = load(local_only=True)  # no network: the local cache may still have it
-        model = cls.from_hf(hf_model.eval(), processor=processor, device=device, dtype=dtype, share_weights=True,
-                            **options)
+        config = transformers.AutoConfig.from_pretrained(folder)
+        hf_model = hf_class(config, str(name_or_path)).from_pretrained(folder, dtype=dtype or "auto")
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+        model = cls.from_hf(hf_model.eval(), processor=processor, device=None if device_map else device, dtype=dtype,
+                            share_weights=True, **options)
         del hf_model
-        return model
+        if device_map is None:
+            return model
+        return dispatch(model, resolve_device_map(model, device_map, dtype=model.dtype, **placement), **placement)
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         overwrite: bool = False):
@@ -118,6 +134,19 @@ class HookedVLM(HookedRootModule):
         from .. import serialization
 
         return serialization.save(self, out_dir, dtype=dtype, overwrite=overwrite)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as the HF model's state dict (every key): the conversion run backwards, exact."""
+        from weights_conversion.export import hf_state_dict
+
+        return hf_state_dict(self)
+
+    def to_hf(self):
+        """A transformers model with this model's current weights (edits included), for use in any HF tool.
+        HF -> hooked -> HF gives back the original weights bit for bit."""
+        from weights_conversion.export import to_hf
+
+        return to_hf(self)
 
     # ------------------------------------------------------------------ introspection
     def tower(self, name: str) -> nn.Module:

@@ -1,0 +1,165 @@
+"""An HF checkpoint folder read tensor by tensor, under the names of the live transformers model.
+
+Checkpoints on the hub store their tensors under older names than the live 5.x models use (LLaVA:
+`language_model.model.*` for `model.language_model.*`), omit tied aliases (BLIP's decoder weight, T5's
+`embed_tokens`), and may keep buffers that are no longer saved (`position_ids`). The HF model is built on the meta
+device (no memory) to learn its live names, shapes and ties; file names are mapped to live names with transformers'
+own renaming rules (`conversion_mapping`), as its `from_pretrained` does. Tensors are then read one at a time from
+the safetensors shards, so a conversion plan runs without loading the checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hooked_vlm.shards import ShardReader
+
+from .registry import Converter, converter_for
+
+# what a hub download takes: configs, safetensors shards, processor and tokenizer files (never pickles)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+class NoSafetensors(Exception):
+    """The checkpoint has only pickle weights: it can be loaded through transformers' own (safe) loader only."""
+
+
+def hf_class(config: Any, source: str) -> type:
+    import transformers
+
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ValueError(f"{source}: its config names no transformers architecture this version knows ({arch!r})")
+    return cls
+
+
+def resolve(source: str | os.PathLike, *, local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
+            revision: str | None = None) -> Path:
+    """A local folder for `source`: the folder itself, or a hub id's snapshot (downloaded, or from the local HF
+    cache; without network the cache is tried after the hub)."""
+    if os.path.isdir(source):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+    def fetch(local_only: bool) -> Path:
+        return Path(snapshot_download(str(source), allow_patterns=HUB_PATTERNS, cache_dir=cache_dir,
+                                      revision=revision, local_files_only=local_only))
+
+    try:
+        return fetch(offline)
+    except OSError:
+        if offline:
+            raise
+        return fetch(True)  # no network: the local cache may still have it
+
+
+class HFCheckpoint:
+    """An HF checkpoint folder: its config, converter, and tensors by live name (`read`), with `shapes` for plans."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.config = AutoConfig.from_pretrained(self.folder)
+        self.hf_class = hf_class(self.config, str(folder))
+        self.converter: Converter = converter_for(self.hf_class.__name__)  # fails before reading any weights
+        files = _safetensors_files(self.folder)
+        with torch.device("meta"):
+            self.meta_model = self.hf_class._from_config(self.config)
+        live = self.meta_model.state_dict()
+        self.reader = ShardReader(files)
+        self.location = self._live_names(live)  # live name -> stored name
+        wrong = [f"{k}: stored {self.reader.shape[s]}, the model has {tuple(live[k].shape)}"
+                 for k, s in self.location.items() if self.reader.shape[s] != tuple(live[k].shape)]
+        if wrong:
+            raise ValueError(f"{self.folder}: tensors of the wrong shape for its config: {wrong[:3]}")
+
+    def _live_names(self, live: dict[str, Tensor]) -> dict[str, str]:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        model = self.meta_model
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        location, unexpected = {}, []
+        not_saved = {n for n, _ in model.named_buffers()} - set(live)  # non-persistent buffers (position_ids)
+        for stored in self.reader.keys():
+            name, converted = rename_source_key(stored, renamings, converters, model.base_model_prefix, live)
+            if converted is not None:
+                raise NoSafetensors(f"{stored} needs transformers' weight conversion ops; loading through "
+                                    "transformers instead")
+            if name in live:
+                location[name] = stored
+            elif name not in not_saved:
+                unexpected.append(stored)
+        if unexpected:
+            raise ValueError(f"{self.folder}: tensors its {self.hf_class.__name__} does not have: {unexpected[:5]}")
+        # a tied alias the file omits is read from the member of its group that the file holds
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        for names in groups.values():
+            stored = next((location[n] for n in names if n in location), None)
+            for n in names:
+                if n not in location and stored is not None:
+                    location[n] = stored
+        missing = sorted(set(live) - set(location))
+        if missing:
+            raise ValueError(f"{self.folder}: the checkpoint lacks tensors {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        return location
+
+    def shapes(self) -> dict[str, Tensor]:
+        """Meta tensors of the live names: what a conversion plan reads."""
+        return {name: self.reader.meta(stored) for name, stored in self.location.items()}
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        return self.reader.read(self.location[name], dtype)
+
+    def same_tensor(self, a: str, b: str) -> bool:
+        return self.location[a] == self.location[b]
+
+    def default_dtype(self) -> torch.dtype:
+        """The dtype transformers' `from_pretrained(dtype="auto")` picks: the config's, else the first floating
+        tensor's."""
+        dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        return next((d for d in self.reader.dtype.values() if d.is_floating_point), torch.float32)
+
+    def config_dict(self) -> dict[str, Any]:
+        return json.loads(self.config.to_json_string(use_diff=False))
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise NoSafetensors(f"{folder} has pickle weights only")
+    raise FileNotFoundError(f"{folder} holds no model weights (*.safetensors)")

@@ -1,0 +1,105 @@
+"""Conversion without a second copy: an HF checkpoint's safetensors shards are read tensor by tensor, converted by
+the plan and either placed in a hooked model built on the meta device (`load_checkpoint`) or written to hooked_vlm's
+own format (`convert_checkpoint`). Peak memory is the weights in the target dtype (loading) or one shard's largest
+tensors (converting), plus the tensors of one recipe in flight."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hooked_vlm import serialization
+from hooked_vlm.shards import Entry
+
+from .checkpoint import HFCheckpoint, resolve
+from .state_dict import ConversionPlan
+
+
+def plan_checkpoint(ckpt: HFCheckpoint, **options: Any) -> tuple[Any, ConversionPlan]:
+    """The hooked config and the conversion plan of a checkpoint; tied aliases stored twice are checked equal."""
+    cfg = ckpt.converter.config(ckpt.config, **options)
+    plan = ckpt.converter.plan(ckpt.shapes(), cfg)
+    for alias, target in plan.aliases.items():
+        if not ckpt.same_tensor(alias, target) and not torch.equal(ckpt.read(alias), ckpt.read(target)):
+            raise ValueError(f"{ckpt.folder}: {alias} was expected to be tied to {target}, but they differ")
+    return cfg, plan
+
+
+def _processor(folder: Path) -> Any:
+    if not (any(folder.glob("*processor*")) or any(folder.glob("tokenizer*"))):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder)
+
+
+def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, device_map: Any = None,
+                    placement: dict[str, Any] | None = None, **options: Any):
+    """A hooked model straight from an HF checkpoint folder with safetensors weights (no transformers model is
+    built, except on the meta device to learn its names); `dtype` None keeps the checkpoint's, as HF's "auto"."""
+    from hooked_vlm.models.base import load_converted
+    from hooked_vlm.placement import device_for, dispatch, resolve_device_map
+
+    placement = placement or {}
+    with HFCheckpoint(folder) as ckpt:
+        cfg, plan = plan_checkpoint(ckpt, **options)
+        dtype = dtype or ckpt.default_dtype()
+        with torch.device("meta"):
+            model = ckpt.converter.model_class(cfg)
+        if device_map is not None:
+            device_map = resolve_device_map(model, device_map, dtype=dtype, **placement)
+        state = {}
+        for name in plan.recipes:
+            target = device_for(name, device_map) if device_map is not None else device
+            state[name] = plan.build(name, lambda key: ckpt.read(key, dtype)).to(target or "cpu")
+        load_converted(model, state, source=str(ckpt.folder))
+        model.hf_origin = serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict(),
+                                                 {k: ckpt.read(k, dtype) for k in plan.unused})
+    model.processor = _processor(Path(folder))
+    model.eval()
+    return dispatch(model, device_map, **placement) if device_map is not None else model.to(device=device)
+
+
+def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                       overwrite: bool = False, shard_bytes: int = serialization.DEFAULT_SHARD_BYTES,
+                       progress: bool = False, local_files_only: bool = False,
+                       cache_dir: str | os.PathLike | None = None, revision: str | None = None,
+                       **options: Any) -> Path:
+    """Write hooked_vlm's format for an HF checkpoint (a hub id or a local folder) to `out_dir`, atomically, one
+    tensor at a time; the hooked model is never built. Returns `out_dir`."""
+    folder = resolve(source, local_files_only=local_files_only, cache_dir=cache_dir, revision=revision)
+    with HFCheckpoint(folder) as ckpt:
+        cfg, plan = plan_checkpoint(ckpt, **options)
+        dtype = dtype or ckpt.default_dtype()
+        shapes = ckpt.shapes()
+
+        def entry(name: str, key_shape: tuple[int, ...], key_dtype: torch.dtype, make) -> Entry:
+            target = dtype if key_dtype.is_floating_point else key_dtype
+            return Entry(name, target, key_shape, make)
+
+        def built(name: str):
+            return lambda: plan.build(name, lambda key: ckpt.read(key, dtype))
+
+        entries = [entry(name, r.shape, shapes[r.sources[0]].dtype, built(name)) for name, r in plan.recipes.items()]
+        unused = [entry(k, tuple(shapes[k].shape), shapes[k].dtype, lambda k=k: ckpt.read(k, dtype))
+                  for k in plan.unused]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(e.nbytes for e in entries + unused), unit="B", unit_scale=True,
+                       desc=f"converting {Path(str(source)).name}")
+        try:
+            out = serialization.write_checkpoint(
+                out_dir, model_class=ckpt.converter.model_class.__name__, cfg=cfg, entries=entries,
+                hf_origin=serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict()), unused=unused,
+                processor=_processor(folder), shard_bytes=shard_bytes, overwrite=overwrite,
+                progress=(lambda e: bar.update(e.nbytes)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    return out
