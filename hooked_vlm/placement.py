@@ -17,9 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .components import Block
+
 AUTO_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-# modules accelerate may not cut in pieces: a block's sub-layers run together (and its hooks see one device)
-NO_SPLIT = ["Block"]
+
+
+def unsplittable(model: nn.Module) -> dict[str, str]:
+    """{module name: class} of the modules a device map must place whole: blocks (their sub-layers and hooks run
+    together) and modules with parameters of their own, which their forward mixes with their children's outputs
+    (the vision tower's class embedding, the Q-Former's query tokens)."""
+    return {name: type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, Block) or (name and next(m.parameters(recurse=False), None) is not None)}
 
 
 def resolve_device_map(model: nn.Module, device_map: str | dict[str, Any], *, dtype: torch.dtype | None = None,
@@ -28,18 +36,30 @@ def resolve_device_map(model: nn.Module, device_map: str | dict[str, Any], *, dt
     strategy name."""
     from accelerate.utils import check_device_map, get_balanced_memory, infer_auto_device_map
 
+    whole = unsplittable(model)
     if isinstance(device_map, str):
         if device_map not in AUTO_STRATEGIES:
             raise ValueError(f"device_map must be a dict or one of {', '.join(AUTO_STRATEGIES)}, got {device_map!r}")
+        no_split = sorted(set(whole.values()))
         if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
                                              dtype=dtype, low_zero=device_map == "balanced_low_0")
-        return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=dtype)
+        device_map = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                                dtype=dtype))
+        if "" in device_map:  # the whole model on one device: name its towers (accelerate offloads no root)
+            device = device_map.pop("")
+            device_map.update({name: device for name, _ in model.named_children()})
+        return device_map
     names = dict(model.named_modules())
     unknown = [k for k in device_map if k and k not in names]
     if unknown:
         raise ValueError(f"the device map names modules the model does not have: {unknown[:5]}; module names are "
                          "hook-name prefixes such as 'vision', 'lm.blocks.3', 'lm.unembed'")
+    for inner in device_map:
+        outer = next((w for w in whole if inner.startswith(w + ".")), None)
+        if outer is not None:
+            raise ValueError(f"the device map places {inner!r} apart from the rest of {outer!r} ({whole[outer]}), "
+                             f"which must stay on one device; place {outer!r} whole")
     check_device_map(model, device_map)  # every parameter placed
     return dict(device_map)
 

@@ -30,7 +30,7 @@ def greedy_decode(step: Step, ids: Int[Tensor, "B T"], mask: Int[Tensor, "B T"] 
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     new_ids, positions = ids, generation_positions(mask)
     for _ in range(max_new_tokens):
-        next_token = step(new_ids, mask, positions).argmax(dim=-1)
+        next_token = step(new_ids, mask, positions).argmax(dim=-1).to(ids.device)  # the head may sit on another device
         if pad_token_id is not None:
             next_token = torch.where(unfinished, next_token, pad_token_id)
         ids = torch.cat([ids, next_token[:, None]], dim=1)

@@ -137,7 +137,7 @@ class HookedInstructBlip(HookedVLM):
 
     def _lm_inputs(self, embeds: Float[Tensor, "B T D"], is_image: Tensor, queries: Tensor) -> Tensor:
         # row-major, as HF's masked_scatter: the i-th placeholder of a row takes query i
-        return embeds.masked_scatter(is_image[..., None], queries.to(embeds.dtype))
+        return embeds.masked_scatter(is_image.to(embeds.device)[..., None], queries.to(embeds.device, embeds.dtype))
 
     def _record_positions(self, input_ids: Tensor, attention_mask: Tensor, is_image: Tensor,
                           qformer_input_ids: Tensor, qformer_attention_mask: Tensor | None,

@@ -147,7 +147,8 @@ class HookedLlava(HookedVLM):
             return embeds
         features = self.image_features(pixel_values)
         # row-major over the batch, as HF's masked_scatter: image i fills the i-th run of placeholders
-        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        features = features.to(embeds.device, embeds.dtype).reshape(-1, embeds.shape[-1])  # towers may sit apart
+        return embeds.masked_scatter(is_image.to(embeds.device)[..., None], features)
 
     def lm_positions(self, attention_mask: Int[Tensor, "B T"]) -> Int[Tensor, "B T"]:
         if self.cfg.hf_positions:
