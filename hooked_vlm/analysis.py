@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import distributed as distributed_
 from . import interventions, metrics, patching
 from .cache import ActivationCache
 from .hooks import NameFilter
@@ -18,19 +19,28 @@ from .models.base import HookedVLM
 
 @torch.no_grad()
 def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook_names: NameFilter, *,
-                    over: str = "examples", mask_key: str | None = "attention_mask") -> dict[str, Tensor]:
+                    over: str = "examples", mask_key: str | None = "attention_mask", distributed: bool = False
+                    ) -> dict[str, Tensor]:
     """Stream the mean of activations over a data set without holding it: a running sum in float64 per hook.
 
     `over="examples"`: the mean over examples, per position ([T, ...]; every batch must have the same length).
     `over="tokens"`: the mean over examples and positions ([...], e.g. [H, d_head] for a `hook_z`, [D] for a
     stream), counting only real tokens when the batch's `mask_key` mask has the hook's sequence length.
+
+    `distributed=True`: each process of the torch.distributed group runs every `world_size`-th batch and the sums
+    are added across processes; every rank returns the same means, on the CPU (equal to one process's up to float64
+    rounding).
     """
     if over not in ("examples", "tokens"):
         raise ValueError(f"over must be 'examples' or 'tokens', got {over!r}")
+    if distributed:
+        distributed_.require_group()
     names = model.hook_names(hook_names)
     sums: dict[str, Tensor] = {}
     counts: dict[str, Tensor] = {}
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if distributed and i % distributed_.world_size() != distributed_.rank():
+            continue  # another process's batch
         mask = batch.get(mask_key) if mask_key else None
 
         def accumulate(t: Tensor, hook: Any) -> None:
@@ -49,6 +59,8 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
             counts[hook.name] = counts.get(hook.name, 0) + count.to(total.device)
 
         model.run_with_hooks(**batch, fwd_hooks=[(n, accumulate) for n in names])
+    if distributed:  # every rank gets the sums over all the processes' batches (on the CPU)
+        sums, counts = distributed_.all_sum(sums), distributed_.all_sum(counts)
     if not sums:
         raise ValueError("no batch was given")
     return {n: (sums[n] / counts[n]).to(model.dtype) for n in names if n in sums}

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import corruption
+from . import distributed as distributed_
 from . import metrics as metrics_
 from .components import BlockKV, LayerKV
 from .components.kv_cache import KVCache
@@ -288,6 +289,40 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
 
     return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.{leaf}"], n_heads, ablate, False, batch_size, progress,
                      per_example=True)
+
+
+def sweep_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Sequence[Sequence[Any]], *,
+                  distributed: bool = False, progress: bool = True, **kwargs: Any) -> Tensor | None:
+    """`sweep(model, *example, **kwargs)` for each example of a data set, stacked: [n_examples, ...]. Any sweep
+    here works: `examples` holds its positional arguments after the model, e.g. (clean, corrupt, metric) for
+    `patch_heads` and `patch_resid`, (inputs, target) for `causal_trace`, (inputs, metric) for `ablation_sweep`.
+
+    `distributed=True` shards the examples across the processes of the torch.distributed group (torchrun; see
+    `hooked_vlm.distributed`) and gathers the results on rank 0, which returns them (the other ranks return None).
+    Each example is swept alone, so the results equal a single process's. Results of different shapes (sweeps
+    over every position of prompts of different lengths) are padded with NaN at the end of each dimension.
+    """
+    bar = _progress(len(distributed_.shard(len(examples))) if distributed else len(examples), progress,
+                    f"{getattr(sweep, '__name__', 'sweep')} over {len(examples)} examples")
+
+    def one(example: Sequence[Any]) -> Tensor:
+        out = sweep(model, *example, progress=False, **kwargs)
+        bar.update(1)
+        return out
+
+    try:
+        results = distributed_.map_dataset(one, examples, distributed=distributed)
+    finally:
+        bar.close()
+    return None if results is None else _stack_padded(results)
+
+
+def _stack_padded(results: list[Tensor]) -> Tensor:
+    shape = [max(sizes) for sizes in zip(*(r.shape for r in results))]
+    out = torch.full((len(results), *shape), float("nan"), dtype=results[0].dtype)
+    for row, r in zip(out, results):
+        row[tuple(slice(0, n) for n in r.shape)] = r
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- engine
