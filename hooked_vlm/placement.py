@@ -31,7 +31,7 @@ def unsplittable(model: nn.Module) -> dict[str, str]:
 
 
 def resolve_device_map(model: nn.Module, device_map: str | dict[str, Any], *, dtype: torch.dtype | None = None,
-                       max_memory: dict[Any, int | str] | None = None, **unused: Any) -> dict[str, Any]:
+                       max_memory: dict[Any, int | str] | None = None) -> dict[str, Any]:
     """A complete device map for `model` (built on the meta device): `device_map` checked, or inferred from a
     strategy name."""
     from accelerate.utils import check_device_map, get_balanced_memory, infer_auto_device_map
@@ -64,8 +64,8 @@ def resolve_device_map(model: nn.Module, device_map: str | dict[str, Any], *, dt
     return dict(device_map)
 
 
-def dispatch(model: nn.Module, device_map: dict[str, Any], *, offload_dir: str | os.PathLike | None = None,
-             **unused: Any) -> nn.Module:
+def dispatch(model: nn.Module, device_map: dict[str, Any], *, offload_dir: str | os.PathLike | None = None
+             ) -> nn.Module:
     """Attach accelerate's hooks that move each placed module's inputs to its device (and load offloaded weights
     before it runs); the model's output comes back on the device of its inputs."""
     from accelerate import dispatch_model

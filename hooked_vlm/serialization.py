@@ -3,7 +3,7 @@ processor's files. Loading it needs no transformers model class (only the proces
 
     out_dir/
       hooked_vlm_config.json      {"format": "hooked_vlm", "version": 1, "model_class": ..., "config": ...,
-                                   "shards": {file: [tensor names]}, "hf_origin": {"hf_class", "config", "unused"}}
+                                   "shards": {file: [tensor names]}, "hf_origin": {"hf_class": ..., "config": ...}}
       model-00001.safetensors ...  the hooked state dict, then the HF tensors hooked_vlm does not use (`hf_unused.*`)
       processor files (as the processor's save_pretrained writes them)
 
@@ -106,13 +106,12 @@ def write_checkpoint(out_dir: str | os.PathLike, *, model_class: str, cfg: Any, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        unused = [Entry(UNUSED_PREFIX + e.name, e.dtype, e.shape, e.make) for e in unused]
-        shards = write_shards([*entries, *unused], tmp, shard_bytes=shard_bytes, progress=progress)
+        prefixed = [Entry(UNUSED_PREFIX + e.name, e.dtype, e.shape, e.make, e.written) for e in unused]
+        shards = write_shards([*entries, *prefixed], tmp, shard_bytes=shard_bytes, progress=progress)
         meta = {"format": "hooked_vlm", "version": FORMAT_VERSION, "model_class": model_class,
                 "config": encode_config(cfg), "shards": shards}
         if hf_origin is not None:
-            meta["hf_origin"] = {"hf_class": hf_origin.hf_class, "config": hf_origin.config,
-                                 "unused": [e.name for e in unused]}
+            meta["hf_origin"] = {"hf_class": hf_origin.hf_class, "config": hf_origin.config}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
         if processor is not None:
             processor.save_pretrained(tmp)
@@ -167,8 +166,18 @@ def build_empty(meta: dict[str, Any]):
         return model_class(decode_config(meta["config"]))
 
 
+def load_processor(folder: Path) -> Any:
+    """The processor saved in a folder (tokenizer and image processor files), or None if it holds none."""
+    if not (any(folder.glob("*processor*")) or any(folder.glob("tokenizer*"))):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder)
+
+
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         device_map: Any = None, **placement: Any):
+         device_map: Any = None, max_memory: dict[Any, int | str] | None = None,
+         offload_dir: str | os.PathLike | None = None):
     """Load a folder written by `save` or by the converter: the model is built on the meta device and each tensor
     is read once, straight to its device. `device_map` (and `max_memory`, `offload_dir`) as in
     `HookedVLM.from_pretrained`."""
@@ -182,11 +191,12 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None, d
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{path}: the shard {file.name} is missing")
-    device_map = resolve_device_map(model, device_map, dtype=dtype, **placement) if device_map is not None else None
+    if device_map is not None:
+        device_map = resolve_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
     state, unused = {}, {}
-    with ShardReader(files) as reader:
+    with ShardReader(files) as reader:  # on the CPU as stored: views of the memory-mapped shards, no copy
         for file, names in meta["shards"].items():
-            missing = [n for n in names if reader.location.get(n) != path / file]
+            missing = [n for n in names if n not in reader.keys() or reader.file(n) != path / file]
             if missing:
                 raise ValueError(f"{path / file} lacks tensors {missing[:5]}")
             for name in names:
@@ -194,17 +204,14 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None, d
                     unused[name[len(UNUSED_PREFIX):]] = reader.read(name, dtype)
                 else:
                     target = device_for(name, device_map) if device_map is not None else device
-                    state[name] = reader.read(name, dtype).to(target or "cpu")
+                    state[name] = reader.read(name, dtype, target or "cpu")
     load_converted(model, state, source=str(path))
     origin = meta.get("hf_origin")
     if origin is not None:
         model.hf_origin = HFOrigin(origin["hf_class"], origin["config"], unused)
-    if any(path.glob("*processor*")) or any(path.glob("tokenizer*")):
-        from transformers import AutoProcessor
-
-        model.processor = AutoProcessor.from_pretrained(path)
+    model.processor = load_processor(path)
     model.eval()
     if device_map is not None:
-        return dispatch(model, device_map, **placement)
+        return dispatch(model, device_map, offload_dir=offload_dir)
     return model.to(device=device)
 

@@ -5,22 +5,24 @@ Writing: the header of a shard (names, dtypes, shapes, offsets) is known before 
 is produced, written and released in turn (`write_shards`). The files are standard safetensors: an 8-byte
 little-endian header length, the JSON header padded with spaces to 8 bytes, then the tensors' bytes back to back.
 
-Reading: `ShardReader` reads each tensor with `pread` into memory of its own (safetensors' "pread" backend), not as
-a view of a memory map, so the pages of tensors that are converted and dropped do not stay resident.
+Reading: `ShardReader` maps each file privately (copy-on-write). A tensor kept as stored on the CPU is a view of the
+map, with no copy at all; a tensor that is converted, cast or moved to a GPU is copied and the pages it was read
+from are released at once (`madvise`), so that the checkpoint never stays resident beside the converted weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -30,12 +32,14 @@ DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
 
 @dataclass(frozen=True)
 class Entry:
-    """A tensor to write: its name, dtype and shape up front, and a function that makes it when its turn comes."""
+    """A tensor to write: its name, dtype and shape up front, a function that makes it when its turn comes, and one
+    called once it is written (to release what it was made from)."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     make: Callable[[], Tensor]
+    written: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +68,8 @@ def _write_shard(path: Path, entries: Sequence[Entry], metadata: dict[str, str])
             if t.numel():
                 f.write(memoryview(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
             del t  # released before the next one is made
+            if e.written is not None:
+                e.written()
         f.flush()
         os.fsync(f.fileno())
 
@@ -84,7 +90,7 @@ def write_shards(entries: Iterable[Entry], folder: Path, *, shard_bytes: int, pr
     for i, group in enumerate(g for g in groups if g):
         name = f"{prefix}-{i + 1:05d}.safetensors"
         if progress is not None:
-            group = [Entry(e.name, e.dtype, e.shape, _reporting(e, progress)) for e in group]
+            group = [Entry(e.name, e.dtype, e.shape, _reporting(e, progress), e.written) for e in group]
         _write_shard(folder / name, group, {"format": "pt"})
         shards[name] = [e.name for e in group]
     return shards
@@ -99,56 +105,109 @@ def _reporting(entry: Entry, progress: Callable[[Entry], None]) -> Callable[[], 
     return make
 
 
+@dataclass(frozen=True)
+class _Stored:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    nbytes: int
+
+
 class ShardReader:
-    """Tensors by name from a set of safetensors files, read on demand; errors name the file."""
+    """Tensors by name from a set of safetensors files, as views of private (copy-on-write) memory maps.
+
+    `read` returns a tensor kept as stored on the CPU as the view itself (no copy; the pages come in when touched,
+    and an edit copies the page, never writing the file); a tensor cast or moved elsewhere is copied, and the pages
+    it was read from are released at once, so that converting a checkpoint does not keep it resident. Errors name
+    the file.
+    """
 
     def __init__(self, files: Iterable[str | os.PathLike]):
-        self._handles = {}
-        self.location: dict[str, Path] = {}
-        self.shape: dict[str, tuple[int, ...]] = {}
-        self.dtype: dict[str, torch.dtype] = {}
-        try:
-            for file in map(Path, files):
-                if not file.is_file():
-                    raise FileNotFoundError(f"the shard {file} is missing")
-                handle = self._open(file)
-                for key in handle.keys():
-                    meta = handle.get_slice(key)
-                    self.location[key] = file
-                    self.shape[key] = tuple(meta.get_shape())
-                    self.dtype[key] = _TORCH_DTYPES[meta.get_dtype()]
-        except BaseException:
-            self.close()
-            raise
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._stored: dict[str, _Stored] = {}
+        for file in map(Path, files):
+            self._index(file)
 
-    def _open(self, file: Path):
-        try:
-            handle = safe_open(file, framework="pt", device="cpu", backend="pread")
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is corrupted or truncated ({e}); download or convert the checkpoint again") \
-                from e
-        self._handles[file] = handle
-        return handle
+    def _index(self, file: Path) -> None:
+        if not file.is_file():
+            raise FileNotFoundError(f"the shard {file} is missing")
+        size = file.stat().st_size
+        broken = f"{file} is corrupted or truncated"
+        with open(file, "rb") as f:
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if 8 + n > size:
+                    raise ValueError(f"a header of {n} bytes in a file of {size}")
+                header = json.loads(f.read(n))
+                for key, info in header.items():
+                    if key == "__metadata__":
+                        continue
+                    dtype, shape = _TORCH_DTYPES[info["dtype"]], tuple(info["shape"])
+                    begin, stop = info["data_offsets"]
+                    if stop - begin != math.prod(shape) * dtype.itemsize or 8 + n + stop > size:
+                        raise ValueError(f"{key} does not fit in the file")
+                    self._stored[key] = _Stored(file, dtype, shape, 8 + n + begin, stop - begin)
+            except (ValueError, KeyError, TypeError, struct.error) as e:
+                raise ValueError(f"{broken} ({e}); download or convert the checkpoint again") from e
+            self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:
-        return list(self.location)
+        return list(self._stored)
+
+    def file(self, key: str) -> Path:
+        return self._stored[key].file
 
     def meta(self, key: str) -> Tensor:
         """A meta tensor with the stored shape and dtype (what conversion plans read)."""
-        return torch.empty(self.shape[key], dtype=self.dtype[key], device="meta")
+        s = self._stored[key]
+        return torch.empty(s.shape, dtype=s.dtype, device="meta")
 
-    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
-        file = self.location[key]
-        try:
-            t = self._handles[file].get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: cannot read {key} ({e}); the file is corrupted or truncated") from e
-        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+    def view(self, key: str) -> Tensor:
+        """The stored tensor as a view of the file's memory map."""
+        s = self._stored[key]
+        if s.nbytes == 0:
+            return torch.empty(s.shape, dtype=s.dtype)
+        with warnings.catch_warnings():  # a private map is writable; torch cannot tell
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._maps[s.file], dtype=s.dtype, count=math.prod(s.shape), offset=s.start)
+        return flat.view(s.shape)
+
+    def release(self, key: str) -> None:
+        """Drop the pages of a tensor read and copied elsewhere from this process's memory (the whole pages
+        inside it; they are read again from the file if touched)."""
+        s = self._stored[key]
+        first = -(-s.start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (s.start + s.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[s.file].madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Tensor:
+        """The tensor, cast to `dtype` if it is floating point, on `device`: the view itself if nothing changes."""
+        return self.combine([key], lambda view: view(key), dtype, device)
+
+    def combine(self, keys: Sequence[str], make: Callable[[Callable[[str], Tensor]], Tensor],
+                dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Tensor:
+        """`make(view)` (e.g. a concatenation of the views of `keys`), cast to `dtype` if floating point and moved
+        to `device`; the views' pages are released unless the result is a view of them."""
+        viewed: set[int] = set()
+
+        def view(key: str) -> Tensor:
+            v = self.view(key)
+            viewed.add(v.untyped_storage().data_ptr())
+            return v
+
+        out = make(view)
+        target = dtype if dtype is not None and out.is_floating_point() else out.dtype
+        out = out.to(device, target)
+        if out.device.type != "cpu" or out.untyped_storage().data_ptr() not in viewed:  # a copy: free the source
+            for key in keys:
+                self.release(key)
+        return out
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+        """Forget the maps; the tensors still viewing them keep them alive."""
+        self._maps.clear()
 
     def __enter__(self) -> "ShardReader":
         return self

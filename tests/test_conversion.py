@@ -151,15 +151,15 @@ def test_export_refuses_diverged_copies_of_one_hf_tensor():
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     hf, processor, _ = build("blip-vqa")
     hf.save_pretrained(tmp_path / "hf")
-    read = shards.ShardReader.read
+    view = shards.ShardReader.view
     calls = []
 
-    def interrupted(self, key, dtype=None):
+    def interrupted(self, key):
         calls.append(key)
         if len(calls) == 40:
             raise KeyboardInterrupt
-        return read(self, key, dtype)
-    monkeypatch.setattr(shards.ShardReader, "read", interrupted)
+        return view(self, key)
+    monkeypatch.setattr(shards.ShardReader, "view", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(tmp_path / "hf", tmp_path / "out", shard_bytes=32 * 1024)
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]

@@ -107,3 +107,19 @@ def test_conversion_command_and_cli(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "hooked")]) == 2  # exists: one-line error
     err = capsys.readouterr().err
     assert "exists" in err and "Traceback" not in err
+
+
+def test_zero_copy_load_never_writes_the_files(tmp_path):
+    """On the CPU the weights are views of the shards' memory maps: edits are copy-on-write, the files stay."""
+    hf, processor, inputs = family("llava")
+    out = HookedVLM.from_hf(hf, processor=processor).save_pretrained(tmp_path / "m")
+    before = {f.name: f.read_bytes() for f in out.glob("*.safetensors")}
+    model = HookedVLM.from_pretrained(out)
+    with torch.no_grad():
+        original = model(**inputs)
+        for p in model.parameters():
+            p.mul_(2)
+        assert not torch.equal(model(**inputs), original)
+    assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == before
+    with torch.no_grad():
+        assert torch.equal(HookedVLM.from_pretrained(out)(**inputs), original)

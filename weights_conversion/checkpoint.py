@@ -21,6 +21,7 @@ from torch import Tensor
 from hooked_vlm.shards import ShardReader
 
 from .registry import Converter, converter_for
+from .state_dict import Recipe
 
 # what a hub download takes: configs, safetensors shards, processor and tokenizer files (never pickles)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -77,11 +78,15 @@ class HFCheckpoint:
             self.meta_model = self.hf_class._from_config(self.config)
         live = self.meta_model.state_dict()
         self.reader = ShardReader(files)
-        self.location = self._live_names(live)  # live name -> stored name
-        wrong = [f"{k}: stored {self.reader.shape[s]}, the model has {tuple(live[k].shape)}"
-                 for k, s in self.location.items() if self.reader.shape[s] != tuple(live[k].shape)]
-        if wrong:
-            raise ValueError(f"{self.folder}: tensors of the wrong shape for its config: {wrong[:3]}")
+        try:
+            self.location = self._live_names(live)  # live name -> stored name
+            wrong = [f"{k}: stored {tuple(self.reader.meta(s).shape)}, the model has {tuple(live[k].shape)}"
+                     for k, s in self.location.items() if self.reader.meta(s).shape != live[k].shape]
+            if wrong:
+                raise ValueError(f"{self.folder}: tensors of the wrong shape for its config: {wrong[:3]}")
+        except BaseException:
+            self.reader.close()
+            raise
 
     def _live_names(self, live: dict[str, Tensor]) -> dict[str, str]:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -123,8 +128,18 @@ class HFCheckpoint:
         """Meta tensors of the live names: what a conversion plan reads."""
         return {name: self.reader.meta(stored) for name, stored in self.location.items()}
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        return self.reader.read(self.location[name], dtype)
+    def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Tensor:
+        return self.reader.read(self.location[name], dtype, device)
+
+    def build(self, recipe: Recipe, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Tensor:
+        """A hooked tensor made by its recipe from the stored tensors (released once copied)."""
+        return self.reader.combine([self.location[n] for n in recipe.sources],
+                                   lambda view: recipe.build(lambda n: view(self.location[n])), dtype, device)
+
+    def release(self, names: list[str]) -> None:
+        """Drop the pages of stored tensors from memory once their converted copies are written."""
+        for name in names:
+            self.reader.release(self.location[name])
 
     def same_tensor(self, a: str, b: str) -> bool:
         return self.location[a] == self.location[b]
@@ -137,7 +152,8 @@ class HFCheckpoint:
             dtype = getattr(torch, dtype)
         if isinstance(dtype, torch.dtype):
             return dtype
-        return next((d for d in self.reader.dtype.values() if d.is_floating_point), torch.float32)
+        dtypes = (self.reader.meta(k).dtype for k in self.reader.keys())
+        return next((d for d in dtypes if d.is_floating_point), torch.float32)
 
     def config_dict(self) -> dict[str, Any]:
         return json.loads(self.config.to_json_string(use_diff=False))

@@ -3,7 +3,7 @@
 A converter never touches tensor data. It reads only the shapes of the HF state dict and records, for each hooked
 tensor, a `Recipe`: which HF tensors, concatenated along dim 0, reshaped. That makes conversion
 
-- streamable: a plan runs tensor by tensor from memory-mapped shards (`ConversionPlan.build`), so converting a
+- streamable: a plan runs tensor by tensor from memory-mapped shards (`Recipe.build`), so converting a
   checkpoint never holds two copies of it;
 - invertible: every recipe is a concatenation and a reshape, so `ConversionPlan.invert` gives back the HF state dict
   bit for bit (the export to transformers);
@@ -55,9 +55,6 @@ class ConversionPlan:
     def hf_keys(self) -> list[str]:
         used = {s for r in self.recipes.values() for s in r.sources}
         return sorted(used | set(self.aliases) | set(self.unused))
-
-    def build(self, name: str, read: Callable[[str], Tensor]) -> Tensor:
-        return self.recipes[name].build(read)
 
     def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Convert a whole in-memory HF state dict (views of it where a recipe is a plain copy)."""

@@ -28,40 +28,34 @@ def plan_checkpoint(ckpt: HFCheckpoint, **options: Any) -> tuple[Any, Conversion
     return cfg, plan
 
 
-def _processor(folder: Path) -> Any:
-    if not (any(folder.glob("*processor*")) or any(folder.glob("tokenizer*"))):
-        return None
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(folder)
-
-
 def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, device_map: Any = None,
-                    placement: dict[str, Any] | None = None, **options: Any):
+                    max_memory: dict[Any, int | str] | None = None, offload_dir: str | os.PathLike | None = None,
+                    **options: Any):
     """A hooked model straight from an HF checkpoint folder with safetensors weights (no transformers model is
     built, except on the meta device to learn its names); `dtype` None keeps the checkpoint's, as HF's "auto"."""
     from hooked_vlm.models.base import load_converted
     from hooked_vlm.placement import device_for, dispatch, resolve_device_map
 
-    placement = placement or {}
     with HFCheckpoint(folder) as ckpt:
         cfg, plan = plan_checkpoint(ckpt, **options)
         dtype = dtype or ckpt.default_dtype()
         with torch.device("meta"):
             model = ckpt.converter.model_class(cfg)
         if device_map is not None:
-            device_map = resolve_device_map(model, device_map, dtype=dtype, **placement)
+            device_map = resolve_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
         state = {}
         for name in plan.recipes:
             target = device_for(name, device_map) if device_map is not None else device
-            state[name] = plan.build(name, lambda key: ckpt.read(key, dtype)).to(target or "cpu")
+            state[name] = ckpt.build(plan.recipes[name], dtype, target or "cpu")
         load_converted(model, state, source=str(ckpt.folder))
         model.hf_origin = serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict(),
                                                  {k: ckpt.read(k, dtype) for k in plan.unused})
-    model.processor = _processor(Path(folder))
+    model.processor = serialization.load_processor(Path(folder))
     model.eval()
-    return dispatch(model, device_map, **placement) if device_map is not None else model.to(device=device)
+    if device_map is not None:
+        return dispatch(model, device_map, offload_dir=offload_dir)
+    return model.to(device=device)
 
 
 def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -77,16 +71,16 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
         dtype = dtype or ckpt.default_dtype()
         shapes = ckpt.shapes()
 
-        def entry(name: str, key_shape: tuple[int, ...], key_dtype: torch.dtype, make) -> Entry:
-            target = dtype if key_dtype.is_floating_point else key_dtype
-            return Entry(name, target, key_shape, make)
+        def entry(name: str, sources: list[str], shape: tuple[int, ...], make) -> Entry:
+            stored = shapes[sources[0]].dtype
+            return Entry(name, dtype if stored.is_floating_point else stored, shape, make,
+                         lambda: ckpt.release(sources))
 
-        def built(name: str):
-            return lambda: plan.build(name, lambda key: ckpt.read(key, dtype))
+        def built(recipe):
+            return lambda: ckpt.build(recipe, dtype)
 
-        entries = [entry(name, r.shape, shapes[r.sources[0]].dtype, built(name)) for name, r in plan.recipes.items()]
-        unused = [entry(k, tuple(shapes[k].shape), shapes[k].dtype, lambda k=k: ckpt.read(k, dtype))
-                  for k in plan.unused]
+        entries = [entry(name, list(r.sources), r.shape, built(r)) for name, r in plan.recipes.items()]
+        unused = [entry(k, [k], tuple(shapes[k].shape), lambda k=k: ckpt.read(k, dtype)) for k in plan.unused]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -97,7 +91,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
             out = serialization.write_checkpoint(
                 out_dir, model_class=ckpt.converter.model_class.__name__, cfg=cfg, entries=entries,
                 hf_origin=serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict()), unused=unused,
-                processor=_processor(folder), shard_bytes=shard_bytes, overwrite=overwrite,
+                processor=serialization.load_processor(folder), shard_bytes=shard_bytes, overwrite=overwrite,
                 progress=(lambda e: bar.update(e.nbytes)) if bar is not None else None)
         finally:
             if bar is not None:

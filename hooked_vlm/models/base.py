@@ -104,28 +104,27 @@ class HookedVLM(HookedRootModule):
         from .. import serialization
         from ..placement import dispatch, resolve_device_map
 
-        placement = {"max_memory": max_memory, "offload_dir": offload_dir}
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_dir": offload_dir}
         if serialization.is_hooked_checkpoint(name_or_path):  # hooked_vlm's own format: no transformers model
-            return serialization.load(name_or_path, device=device, dtype=dtype, device_map=device_map, **placement)
+            return serialization.load(name_or_path, device=device, dtype=dtype, **placement)
         folder = resolve(name_or_path, local_files_only=local_files_only, cache_dir=cache_dir, revision=revision)
         try:
-            return load_checkpoint(folder, dtype=dtype, device=device, device_map=device_map, placement=placement,
-                                   **options)
-        except NoSafetensors:
+            return load_checkpoint(folder, dtype=dtype, device=device, **placement, **options)
+        except NoSafetensors:  # pickle weights: only through transformers' own (safe) loader
             pass
-        import transformers
+        from transformers import AutoConfig
 
         from weights_conversion.checkpoint import hf_class
 
-        config = transformers.AutoConfig.from_pretrained(folder)
-        hf_model = hf_class(config, str(name_or_path)).from_pretrained(folder, dtype=dtype or "auto")
-        processor = transformers.AutoProcessor.from_pretrained(folder)
-        model = cls.from_hf(hf_model.eval(), processor=processor, device=None if device_map else device, dtype=dtype,
-                            share_weights=True, **options)
+        hf_model = hf_class(AutoConfig.from_pretrained(folder), str(name_or_path)).from_pretrained(
+            folder, dtype=dtype or "auto")
+        model = cls.from_hf(hf_model.eval(), processor=serialization.load_processor(folder),
+                            device=None if device_map else device, dtype=dtype, share_weights=True, **options)
         del hf_model
         if device_map is None:
             return model
-        return dispatch(model, resolve_device_map(model, device_map, dtype=model.dtype, **placement), **placement)
+        device_map = resolve_device_map(model, device_map, dtype=model.dtype, max_memory=max_memory)
+        return dispatch(model, device_map, offload_dir=offload_dir)
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         overwrite: bool = False):
