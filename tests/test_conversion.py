@@ -207,3 +207,14 @@ def test_pickle_checkpoints_go_through_transformers(tmp_path):
     assert convert([str(folder), str(tmp_path / "hooked"), "--quiet"]) == 0
     meta = json.loads((tmp_path / "hooked" / "hooked_vlm_config.json").read_text())
     assert meta["hf_origin"]["hf_class"] == "BlipForQuestionAnswering"
+
+
+def test_parameters_never_share_memory(tmp_path):
+    """T5's shared embedding (one HF tensor) feeds both stacks: each parameter still gets its own memory."""
+    hf, processor, inputs = build("instructblip-t5")
+    hf.save_pretrained(tmp_path / "hf")
+    for source in (tmp_path / "hf", HookedVLM.from_hf(hf).save_pretrained(tmp_path / "hooked")):
+        model = HookedVLM.from_pretrained(source)
+        with torch.no_grad():
+            model.lm_encoder.embed.W_E[0] += 1
+        assert not torch.equal(model.lm_encoder.embed.W_E, model.lm_decoder.embed.W_E)

@@ -1,7 +1,8 @@
 """Conversion without a second copy: an HF checkpoint's safetensors shards are read tensor by tensor, converted by
 the plan and either placed in a hooked model built on the meta device (`load_checkpoint`) or written to hooked_vlm's
-own format (`convert_checkpoint`). Peak memory is the weights in the target dtype (loading) or one shard's largest
-tensors (converting), plus the tensors of one recipe in flight."""
+own format (`convert_checkpoint`). Tensors kept as stored are views of the memory-mapped shards; the rest are made
+one recipe at a time, and the pages they were read from released. Peak memory is about the weights in the target
+dtype when loading, and a few tensors when converting."""
 
 from __future__ import annotations
 
@@ -44,10 +45,15 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
             model = ckpt.converter.model_class(cfg)
         if device_map is not None:
             device_map = resolve_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
-        state = {}
+        state, viewed = {}, set()
         for name in plan.recipes:
             target = device_for(name, device_map) if device_map is not None else device
-            state[name] = ckpt.build(plan.recipes[name], dtype, target or "cpu")
+            t = ckpt.build(plan.recipes[name], dtype, target or "cpu")
+            if t.device.type == "cpu":  # one stored tensor viewed by two parameters (T5's shared embedding in both
+                ptr = t.untyped_storage().data_ptr()  # stacks): each parameter gets memory of its own, as in from_hf
+                t = t.clone() if ptr in viewed else t
+                viewed.add(ptr)
+            state[name] = t
         load_converted(model, state, source=str(ckpt.folder))
         model.hf_origin = serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict(),
                                                  {k: ckpt.read(k, dtype) for k in plan.unused})
