@@ -1,7 +1,7 @@
 """hooked_vlm: vision-language models (BLIP, LLaVA-1.5, InstructBLIP) with a named hook point on every residual
 stream, attention pattern and head, numerically equal to transformers."""
 
-from . import analysis, corruption, interventions, metrics, patching  # noqa: F401  (public modules)
+from . import analysis, corruption, distributed, interventions, metrics, patching  # noqa: F401  (public modules)
 from .cache import ActivationCache
 from .hooks import HookedRootModule, HookPoint
 from .models import HookedBlipCaptioning, HookedBlipITM, HookedBlipVQA, HookedInstructBlip, HookedLlava, HookedVLM

@@ -199,9 +199,17 @@ def test_pickle_checkpoints_go_through_transformers(tmp_path):
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(NoSafetensors):
         convert_checkpoint(folder, tmp_path / "never")
-    model = HookedVLM.from_pretrained(folder)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs), HookedVLM.from_hf(hf)(**inputs))
+    # a local folder, and a hub id whose snapshot in the HF cache holds the pickle
+    snapshot = tmp_path / "cache" / "models--org--blip-bin" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "cache" / "models--org--blip-bin" / "refs").mkdir()
+    (tmp_path / "cache" / "models--org--blip-bin" / "refs" / "main").write_text("abc")
+    for model in (HookedVLM.from_pretrained(folder),
+                  HookedVLM.from_pretrained("org/blip-bin", cache_dir=tmp_path / "cache", local_files_only=True)):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs), HookedVLM.from_hf(hf)(**inputs))
     from weights_conversion.__main__ import main as convert
 
     assert convert([str(folder), str(tmp_path / "hooked"), "--quiet"]) == 0

@@ -28,7 +28,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tik
 
 
 class NoSafetensors(Exception):
-    """The checkpoint has only pickle weights: it can be loaded through transformers' own (safe) loader only."""
+    """The checkpoint has no safetensors weights (pickles, or weights this reader cannot rename): it can be loaded
+    through transformers' own (safe) loader only."""
 
 
 def hf_class(config: Any, source: str) -> type:
@@ -174,8 +175,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         return [folder / f for f in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise NoSafetensors(f"{folder} has pickle weights only")
-    raise FileNotFoundError(f"{folder} holds no model weights (*.safetensors)")
+    if not files:  # pickle weights (a hub download fetches safetensors only) or none: transformers will tell
+        raise NoSafetensors(f"{folder} has no safetensors weights")
+    return files

@@ -116,8 +116,9 @@ class HookedVLM(HookedRootModule):
 
         from weights_conversion.checkpoint import hf_class
 
+        kw = {"local_files_only": local_files_only, "cache_dir": cache_dir, "revision": revision}
         hf_model = hf_class(AutoConfig.from_pretrained(folder), str(name_or_path)).from_pretrained(
-            folder, dtype=dtype or "auto")
+            name_or_path if not os.path.isdir(name_or_path) else folder, dtype=dtype or "auto", **kw)
         model = cls.from_hf(hf_model.eval(), processor=serialization.load_processor(folder),
                             device=None if device_map else device, dtype=dtype, share_weights=True, **options)
         del hf_model
