@@ -294,7 +294,7 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
 def sweep_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Sequence[Sequence[Any]], *,
                   distributed: bool = False, progress: bool = True, **kwargs: Any) -> Tensor | None:
     """`sweep(model, *example, **kwargs)` for each example of a data set, stacked: [n_examples, ...]. Any sweep
-    here works: `examples` holds its positional arguments after the model, e.g. (clean, corrupt, metric) for
+    here that returns a tensor works: `examples` holds its positional arguments after the model, e.g. (clean, corrupt, metric) for
     `patch_heads` and `patch_resid`, (inputs, target) for `causal_trace`, (inputs, metric) for `ablation_sweep`.
 
     `distributed=True` shards the examples across the processes of the torch.distributed group (torchrun; see

@@ -93,6 +93,11 @@ class HFOrigin:
     config: dict[str, Any]
     unused: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, hf_class: str, config: Any, unused: dict[str, torch.Tensor] | None = None) -> "HFOrigin":
+        """From a transformers config object (stored whole, not as a diff to the class defaults)."""
+        return cls(hf_class, json.loads(config.to_json_string(use_diff=False)), unused or {})
+
 
 def write_checkpoint(out_dir: str | os.PathLike, *, model_class: str, cfg: Any, entries: Iterable[Entry],
                      hf_origin: HFOrigin | None = None, unused: Iterable[Entry] = (), processor: Any = None,

@@ -156,9 +156,6 @@ class HFCheckpoint:
         dtypes = (self.reader.meta(k).dtype for k in self.reader.keys())
         return next((d for d in dtypes if d.is_floating_point), torch.float32)
 
-    def config_dict(self) -> dict[str, Any]:
-        return json.loads(self.config.to_json_string(use_diff=False))
-
     def close(self) -> None:
         self.reader.close()
 

@@ -55,8 +55,8 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
                 viewed.add(ptr)
             state[name] = t
         load_converted(model, state, source=str(ckpt.folder))
-        model.hf_origin = serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict(),
-                                                 {k: ckpt.read(k, dtype) for k in plan.unused})
+        model.hf_origin = serialization.HFOrigin.of(ckpt.converter.hf_class, ckpt.config,
+                                                    {k: ckpt.read(k, dtype) for k in plan.unused})
     model.processor = serialization.load_processor(Path(folder))
     model.eval()
     if device_map is not None:
@@ -96,7 +96,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
         try:
             out = serialization.write_checkpoint(
                 out_dir, model_class=ckpt.converter.model_class.__name__, cfg=cfg, entries=entries,
-                hf_origin=serialization.HFOrigin(ckpt.converter.hf_class, ckpt.config_dict()), unused=unused,
+                hf_origin=serialization.HFOrigin.of(ckpt.converter.hf_class, ckpt.config), unused=unused,
                 processor=serialization.load_processor(folder), shard_bytes=shard_bytes, overwrite=overwrite,
                 progress=(lambda e: bar.update(e.nbytes)) if bar is not None else None)
         finally:

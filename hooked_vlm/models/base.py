@@ -53,8 +53,6 @@ class HookedVLM(HookedRootModule):
         HF tensors where no reshaping was needed (saves memory; then editing one model edits the other).
         `options` are model switches: `mask_cross_attention` (BLIP), `hf_positions` (LLaVA, InstructBLIP).
         """
-        import json
-
         from weights_conversion import converter_for
 
         from ..serialization import HFOrigin
@@ -72,8 +70,7 @@ class HookedVLM(HookedRootModule):
             state = {k: t.clone() if t.untyped_storage().data_ptr() in hf_storage else t for k, t in state.items()}
             unused = {k: t.clone() for k, t in unused.items()}
         load_converted(model, state, source=type(hf_model).__name__)
-        model.hf_origin = HFOrigin(converter.hf_class, json.loads(hf_model.config.to_json_string(use_diff=False)),
-                                   unused)
+        model.hf_origin = HFOrigin.of(converter.hf_class, hf_model.config, unused)
         model.processor = processor
         return model.to(device=device, dtype=dtype).eval()
 
@@ -98,7 +95,7 @@ class HookedVLM(HookedRootModule):
         Without network the files come from the local HF cache (`local_files_only=True` goes there directly and
         skips the hub's retries). `options` are model switches, as in `from_hf`.
         """
-        from weights_conversion.checkpoint import NoSafetensors, resolve
+        from weights_conversion.checkpoint import NoSafetensors, hf_class, resolve
         from weights_conversion.streaming import load_checkpoint
 
         from .. import serialization
@@ -113,8 +110,6 @@ class HookedVLM(HookedRootModule):
         except NoSafetensors:  # pickle weights: only through transformers' own (safe) loader
             pass
         from transformers import AutoConfig
-
-        from weights_conversion.checkpoint import hf_class
 
         kw = {"local_files_only": local_files_only, "cache_dir": cache_dir, "revision": revision}
         hf_model = hf_class(AutoConfig.from_pretrained(folder), str(name_or_path)).from_pretrained(
