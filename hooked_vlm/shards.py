@@ -147,9 +147,13 @@ class ShardReader:
                     begin, stop = info["data_offsets"]
                     if stop - begin != math.prod(shape) * dtype.itemsize or 8 + n + stop > size:
                         raise ValueError(f"{key} does not fit in the file")
+                    if key in self._stored:
+                        raise LookupError(f"{key} is stored in both {self._stored[key].file} and {file}")
                     self._stored[key] = _Stored(file, dtype, shape, 8 + n + begin, stop - begin)
             except (ValueError, KeyError, TypeError, struct.error) as e:
                 raise ValueError(f"{broken} ({e}); download or convert the checkpoint again") from e
+            except LookupError as e:
+                raise ValueError(f"{e}: pass a folder holding one copy of the weights") from e
             self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:

@@ -58,3 +58,10 @@ def test_broken_files_are_named(tmp_path):
         ShardReader([tmp_path / "junk.safetensors"])
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         ShardReader([tmp_path / "gone.safetensors"])
+
+
+def test_a_tensor_stored_twice_is_an_error(tmp_path):
+    save_file({"a": torch.zeros(2)}, tmp_path / "one.safetensors")
+    save_file({"a": torch.ones(2)}, tmp_path / "two.safetensors")
+    with pytest.raises(ValueError, match="a is stored in both .*one.safetensors and .*two.safetensors"):
+        ShardReader([tmp_path / "one.safetensors", tmp_path / "two.safetensors"])

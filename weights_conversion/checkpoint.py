@@ -171,7 +171,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [folder / f for f in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))  # not its variants (model.fp16)
     if not files:  # pickle weights (a hub download fetches safetensors only) or none: transformers will tell
         raise NoSafetensors(f"{folder} has no safetensors weights")
     return files
