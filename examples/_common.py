@@ -38,10 +38,14 @@ def load(model_name: str | None, tiny: str, device: str) -> HookedVLM:
 
 
 def first_token(tokenizer, word: str) -> int:
-    """The first sub-word of `word` as the model would generate it (BLIP-VQA answers' first token)."""
+    """The first sub-word of `word` as the model would generate it (BLIP-VQA answers' first token). A lone
+    word-boundary piece ("▁", which a tokenizer that spells the word out emits first, as the tiny Llama one does)
+    is skipped: every answer shares it, so it tells none apart."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"{word!r} tokenizes to nothing")
+    if len(ids) > 1 and tokenizer.convert_ids_to_tokens(ids[0]) in ("▁", "Ġ"):
+        return ids[1]
     return ids[0]
 
 

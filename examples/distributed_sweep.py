@@ -14,16 +14,8 @@ import sys
 
 import torch
 
-from _common import llava_prompt, load, parser, to
+from _common import first_token, llava_prompt, load, parser, to
 from hooked_vlm import analysis, corruption, distributed, metrics, patching
-
-
-def distinguishing_tokens(tokenizer, answer: str, wrong: str) -> tuple[int, int]:
-    """The first tokens where the two answers differ ("▁blue" vs "▁yellow"; a tokenizer that spells words out
-    first emits a shared "▁")."""
-    a, b = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in (answer, wrong))
-    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return a[i], b[i]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair in pairs:  # cheap to build everywhere; each process runs only its share of the sweeps
         clean, corrupt = (to(processor(images=img, text=llava_prompt(pair.prompt), return_tensors="pt"), device)
                           for img in (pair.clean_image, pair.corrupt_image))
-        metric = metrics.logit_diff(*distinguishing_tokens(tok, pair.answer, pair.wrong_answer))
+        metric = metrics.logit_diff(first_token(tok, pair.answer), first_token(tok, pair.wrong_answer))
         examples.append((clean, corrupt, metric))
     heads = patching.sweep_dataset(patching.patch_heads, model, examples, tower="lm", normalize=True,
                                    distributed=sharded, progress=distributed.rank() == 0)
