@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +83,14 @@ UNUSED_PREFIX = "hf_unused."
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
-@dataclass
+@dataclasses.dataclass
 class HFOrigin:
     """What exporting back to transformers needs beyond the hooked weights: the HF class and config, and the HF
     tensors hooked_vlm does not use (LLaVA's vision blocks after the feature layer), kept on the CPU."""
 
     hf_class: str
     config: dict[str, Any]
-    unused: dict[str, torch.Tensor] = field(default_factory=dict)
+    unused: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, hf_class: str, config: Any, unused: dict[str, torch.Tensor] | None = None) -> "HFOrigin":

@@ -51,21 +51,12 @@ class ConversionPlan:
     aliases: dict[str, str] = field(default_factory=dict)  # HF key -> the HF key it is tied to (equal values)
     unused: list[str] = field(default_factory=list)  # HF keys the hooked model does not use (kept for export)
 
-    @property
-    def hf_keys(self) -> list[str]:
-        used = {s for r in self.recipes.values() for s in r.sources}
-        return sorted(used | set(self.aliases) | set(self.unused))
-
     def apply(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Convert a whole in-memory HF state dict (views of it where a recipe is a plain copy)."""
-        self.check_aliases(state.__getitem__)
-        return {name: recipe.build(state.__getitem__) for name, recipe in self.recipes.items()}
-
-    def check_aliases(self, read: Callable[[str], Tensor]) -> None:
         for alias, target in self.aliases.items():
-            a, b = read(alias), read(target)
-            if not a.is_meta and not torch.equal(a, b):
+            if not state[alias].is_meta and not torch.equal(state[alias], state[target]):
                 raise ValueError(f"{self.source}: {alias} was expected to be tied to {target}, but they differ")
+        return {name: recipe.build(state.__getitem__) for name, recipe in self.recipes.items()}
 
     def invert(self, hooked: Mapping[str, Tensor], unused: Mapping[str, Tensor] = {}) -> dict[str, Tensor]:
         """The HF state dict (every key, tied aliases included) that this plan converts into `hooked`.
