@@ -94,9 +94,9 @@ def test_nested_contexts_remove_only_their_own_hooks(vqa):
             with model.hooks([(a, lambda t, hook: None), (b, lambda t, hook: None)]):
                 assert len(model.hook_dict[a].fwd_hooks) == 3
             assert len(model.hook_dict[a].fwd_hooks) == 2 and not model.hook_dict[b].has_hooks
-        assert model.hook_dict[a].fwd_hooks == permanent
+        assert model.hook_dict[a].fwd_hooks == tuple(permanent)
         model.reset_hooks()
-        assert model.hook_dict[a].fwd_hooks == permanent  # reset keeps permanent hooks unless asked
+        assert model.hook_dict[a].fwd_hooks == tuple(permanent)  # reset keeps permanent hooks unless asked
     finally:
         model.reset_hooks(including_permanent=True)
     assert not model.hook_dict[a].has_hooks
@@ -215,3 +215,103 @@ def test_per_head_weight_views_share_storage(vqa):
     q = torch.nn.functional.linear(x, attn.qkv_weight, attn.qkv_bias)[:, : H * d].view(3, H, d)
     torch.testing.assert_close(torch.einsum("td,hde->the", x, attn.W_Q) + attn.b_Q, q, atol=1e-6, rtol=0)
     assert attn.W_O.data_ptr() == attn.o_weight.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------ never aliasing weights
+def _family(kind):
+    """A tiny model of each family with one batch of two examples (hook points on parameter views are expanded
+    over the batch), for the aliasing checks."""
+    from hooked_vlm.tiny import build_instructblip, build_llava
+
+    images = [random_image(seed=0), random_image(seed=1)]
+    if kind.startswith("blip"):
+        hf, processor = build_blip(kind.split("-")[1], seed=2)
+        texts = ["what color is the car", "how many"]
+    elif kind == "llava":
+        hf, processor = build_llava(seed=2)
+        texts = ["USER: <image>\nwhat is it? ASSISTANT:"] * 2
+    else:
+        hf, processor = build_instructblip(kind.split("-")[1], seed=2)
+        texts = ["what is in the picture?", "describe it"]
+    model = HookedVLM.from_hf(hf, processor=processor)
+    return model, dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+
+
+ALL_FAMILIES = ["blip-vqa", "blip-caption", "blip-itm", "llava", "instructblip-llama", "instructblip-t5"]
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, f"weights changed: {changed}"
+
+
+@pytest.mark.parametrize("kind", ALL_FAMILIES)
+def test_cache_never_shares_memory_with_a_parameter(kind):
+    """Every hook point, every family: no cached tensor is a view of a weight, and zeroing the whole cache in
+    place leaves every weight as it was (vision.hook_pos_embed and qformer.hook_query_tokens were views)."""
+    model, inputs = _family(kind)
+    before = _weights(model)
+    storages = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs)
+    assert len(cache.keys()) == len(model.hook_dict)
+    shared = {name: storages[t.untyped_storage().data_ptr()] for name, t in cache.items()
+              if t.untyped_storage().data_ptr() in storages}
+    assert not shared, f"cached tensors share memory with parameters: {shared}"
+    for name, t in cache.items():
+        t.zero_()
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kind", ALL_FAMILIES)
+def test_in_place_hooks_never_change_a_weight(kind):
+    """An in-place hook on every hook point at once, under no_grad (where autograd would not object): the weights
+    stay as they were, and a second forward gives the clean output again."""
+    model, inputs = _family(kind)
+    before = _weights(model)
+    with torch.no_grad():
+        clean = model(**inputs)
+
+        def in_place(t, hook):
+            t.mul_(0.5).add_(1.0)
+
+        model.run_with_hooks(**inputs, fwd_hooks=[(lambda n: True, in_place)])
+        _assert_unchanged(model, before)
+        torch.testing.assert_close(model(**inputs), clean)
+
+
+def test_unhooked_parameter_view_is_not_copied(vqa):
+    """The copy is paid only when the point is hooked: unhooked, the position table flows through as the view."""
+    model, inputs = vqa
+    point = model.hook_dict["vision.hook_pos_embed"]
+    W_pos = model.vision.W_pos
+    view = W_pos.expand(2, -1, -1)
+    assert point(view) is view
+    with model.hooks([("vision.hook_pos_embed", lambda t, hook: None)]):
+        copy = point(view)
+    assert copy.untyped_storage().data_ptr() != W_pos.untyped_storage().data_ptr()
+    torch.testing.assert_close(copy, view)
+
+
+def test_add_hook_inside_a_block_ends_with_the_block(vqa):
+    """TransformerLens semantics: a hook added with add_hook inside `hooks()` belongs to that block; outside every
+    block it is global and stays until reset_hooks."""
+    model, _ = vqa
+    a = "vision.hook_embed"
+    with model.hooks([(a, lambda t, hook: None)]):
+        inner = model.add_hook(a, lambda t, hook: None)
+        assert len(model.hook_dict[a].fwd_hooks) == 2
+    assert not model.hook_dict[a].has_hooks
+    try:
+        outer = model.add_hook(a, lambda t, hook: None)
+        with model.hooks():
+            assert model.hook_dict[a].fwd_hooks == tuple(outer)
+        assert model.hook_dict[a].fwd_hooks == tuple(outer)
+        inner[0].remove()  # a handle whose block has ended: nothing to do, no error
+    finally:
+        model.reset_hooks()
+    assert not model.hook_dict[a].has_hooks

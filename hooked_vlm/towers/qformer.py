@@ -54,7 +54,7 @@ class QFormerTower(Tower):
         self.cfg = cfg
         D = cfg.d_model
         self.query_tokens = nn.Parameter(torch.empty(cfg.n_query, D))
-        self.hook_query_tokens = HookPoint()  # [B, n_query, D]
+        self.hook_query_tokens = HookPoint(views_parameter=True)  # [B, n_query, D]: a copy when hooked
         self.embed = Embed(cfg.d_vocab, D)
         self.pos_embed = PosEmbed(cfg.n_ctx, D)
         self.hook_embed = HookPoint()  # [B, T_text, D]: instruction token embeddings

@@ -51,7 +51,7 @@ class VisionTower(Tower):
         self.class_embed = nn.Parameter(torch.empty(D))
         self.W_pos = nn.Parameter(torch.empty(cfg.n_tokens, D))
         self.hook_embed = HookPoint()  # [B, 1 + N, D]: class token and patch embeddings
-        self.hook_pos_embed = HookPoint()  # [B, 1 + N, D]
+        self.hook_pos_embed = HookPoint(views_parameter=True)  # [B, 1 + N, D]: W_pos, a copy when hooked
         if cfg.ln_pre:
             self.ln_pre = make_norm(D, cfg.block.norm)
         self.blocks = nn.ModuleList([Block(cfg.block) for _ in range(cfg.n_layers)])
