@@ -140,13 +140,11 @@ class ShardReader:
                 if 8 + n > size:
                     raise ValueError(f"a header of {n} bytes in a file of {size}")
                 header = json.loads(f.read(n))
-                for key, info in header.items():
-                    if key == "__metadata__":
-                        continue
-                    dtype, shape = _TORCH_DTYPES[info["dtype"]], tuple(info["shape"])
-                    begin, stop = info["data_offsets"]
-                    if stop - begin != math.prod(shape) * dtype.itemsize or 8 + n + stop > size:
-                        raise ValueError(f"{key} does not fit in the file")
+                if not isinstance(header, dict):
+                    raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+                stored = {key: _parse_entry(key, info) for key, info in header.items() if key != "__metadata__"}
+                _check_layout(stored, size - 8 - n)
+                for key, (dtype, shape, begin, stop) in stored.items():
                     if key in self._stored:
                         raise LookupError(f"{key} is stored in both {self._stored[key].file} and {file}")
                     self._stored[key] = _Stored(file, dtype, shape, 8 + n + begin, stop - begin)
@@ -222,3 +220,48 @@ class ShardReader:
 
 _TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()} | {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse_entry(key: str, info: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """One header entry -> (dtype, shape, begin, stop), every field checked (a crafted header is data, not code)."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in _TORCH_DTYPES:
+        raise ValueError(f"{key} has no known dtype")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise ValueError(f"{key} has the shape {shape!r}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise ValueError(f"{key} has the offsets {offsets!r}, not two byte positions")
+    dtype, (begin, stop) = _TORCH_DTYPES[info["dtype"]], offsets
+    if stop - begin != math.prod(shape) * dtype.itemsize:
+        need = math.prod(shape) * dtype.itemsize
+        raise ValueError(f"{key} spans bytes {begin}..{stop}, its shape and dtype need {need} bytes")
+    return dtype, tuple(shape), begin, stop
+
+
+def _check_layout(stored: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], data_bytes: int) -> None:
+    """Tensors lie inside the data section, one after another, none overlapping another (so that no tensor reads
+    the header or another tensor's bytes)."""
+    end, previous = 0, None
+    for key, (_, _, begin, stop) in sorted(stored.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if stop > data_bytes:
+            raise ValueError(f"{key} ends at byte {stop} of a data section of {data_bytes}")
+        if begin < end:
+            raise ValueError(f"{key} (bytes {begin}..{stop}) overlaps {previous}")
+        end, previous = stop, key
+
+
+def inside(folder: Path, name: object, what: str) -> Path:
+    """`folder / name` for a file named by a checkpoint's index, refused unless it is a plain relative path that
+    stays inside `folder` once symbolic links are followed (an index is data: it must not reach other files)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{what} names the shard {name!r}, which is not a file inside {folder}; only file names "
+                         "inside the checkpoint folder are allowed")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{what} names the shard {name!r}, a link to {path.resolve()} outside {folder}; copy the "
+                         "file into the checkpoint folder")
+    return path

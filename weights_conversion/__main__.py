@@ -1,7 +1,9 @@
 """python -m weights_conversion SOURCE OUT_DIR [--dtype bfloat16]
 
 Convert a transformers checkpoint (a hub id or a local HF directory) to hooked_vlm's own format in OUT_DIR
-(written atomically); `HookedVLM.from_pretrained(OUT_DIR)` then loads it without transformers' model classes.
+(written atomically; with --overwrite an existing OUT_DIR is replaced only if it is an empty folder or a hooked_vlm
+checkpoint, never the source or a folder holding it); `HookedVLM.from_pretrained(OUT_DIR)` then loads it without
+transformers' model classes.
 Safetensors checkpoints are streamed tensor by tensor (memory: a few tensors, not the model); pickle-only ones are
 loaded through transformers' own safe loader first.
 """
@@ -14,36 +16,43 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from hooked_vlm.arguments import as_dtype
+
+DTYPES = {name: as_dtype(name) for name in ("float32", "float16", "bfloat16")}  # also the CLI's choices
 
 
-def convert(source: str, out_dir: str, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+def convert(source: str, out_dir: str, *, dtype: torch.dtype | str | None = None, overwrite: bool = False,
             progress: bool = True) -> Path:
-    from .checkpoint import NoSafetensors
+    from hooked_vlm import serialization
+
+    from .checkpoint import NoSafetensors, resolve
     from .streaming import convert_checkpoint
 
+    dtype = as_dtype(dtype)
     try:
         return convert_checkpoint(source, out_dir, dtype=dtype, overwrite=overwrite, progress=progress)
     except NoSafetensors:
         from hooked_vlm import HookedVLM
 
-        model = HookedVLM.from_pretrained(source, dtype=dtype)
-        return model.save_pretrained(out_dir, dtype=dtype, overwrite=overwrite)
+        folder = resolve(source)  # convert_checkpoint checked `out_dir` against it before finding no safetensors
+        model = HookedVLM.from_pretrained(folder, dtype=dtype)
+        return serialization.save(model, out_dir, dtype=dtype, overwrite=overwrite, sources=[folder])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="hub id or local HF directory")
-    parser.add_argument("out_dir", help="where to write hooked_vlm's format (must not exist)")
+    parser.add_argument("out_dir", help="where to write hooked_vlm's format (must not exist, unless --overwrite)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="store the weights in this dtype (default: the checkpoint's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace out_dir if it is an empty folder or a hooked_vlm checkpoint (default: refuse)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.source, args.out_dir, dtype=DTYPES[args.dtype] if args.dtype else None,
-                      overwrite=args.overwrite, progress=not args.quiet)
-    except (OSError, ValueError, KeyError) as e:
+        out = convert(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"weights_conversion: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

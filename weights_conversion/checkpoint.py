@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hooked_vlm.shards import ShardReader
+from hooked_vlm.shards import ShardReader, inside
 
 from .registry import Converter, converter_for
 from .state_dict import Recipe
@@ -45,11 +45,25 @@ def hf_class(config: Any, source: str) -> type:
 def resolve(source: str | os.PathLike, *, local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
             revision: str | None = None) -> Path:
     """A local folder for `source`: the folder itself, or a hub id's snapshot (downloaded, or from the local HF
-    cache; without network the cache is tried after the hub)."""
+    cache; without network the cache is tried after the hub). `cache_dir` and `revision` are hub options: with a
+    local folder they are refused, not ignored."""
     if os.path.isdir(source):
+        given = [f"{k}={v!r}" for k, v in (("cache_dir", cache_dir), ("revision", revision)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to hub ids only, and {source} is a local folder: drop it")
         return Path(source)
-    from huggingface_hub import snapshot_download
+    if os.path.exists(source):
+        raise NotADirectoryError(f"{source} is a file: pass the checkpoint folder that holds it")
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(str(source))
+        is_repo_id = not isinstance(source, os.PathLike)
+    except errors.HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise FileNotFoundError(f"no folder {source}: pass an existing checkpoint folder or a hub id ('org/name')")
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
     def fetch(local_only: bool) -> Path:
@@ -57,11 +71,26 @@ def resolve(source: str | os.PathLike, *, local_files_only: bool = False, cache_
                                       revision=revision, local_files_only=local_only))
 
     try:
-        return fetch(offline)
-    except OSError:
-        if offline:
+        try:
+            return fetch(offline)
+        except errors.LocalEntryNotFoundError:
             raise
-        return fetch(True)  # no network: the local cache may still have it
+        except OSError:
+            if offline:
+                raise
+            return fetch(True)  # no network: the local cache may still have it
+    except errors.LocalEntryNotFoundError:
+        where = f"the HF cache ({cache_dir})" if cache_dir is not None else "the local HF cache"
+        why = ("local_files_only=True (or HF_HUB_OFFLINE) keeps the hub out: allow it once to download" if offline
+               else "the hub cannot be reached: download it once with network")
+        raise FileNotFoundError(f"{source} is neither a local folder nor in {where}, and {why}, or pass the path of "
+                                "a downloaded folder") from None
+    except errors.RevisionNotFoundError:
+        raise FileNotFoundError(f"{source} has no revision {revision!r} on the hub: pass an existing branch, tag or "
+                                "commit") from None
+    except errors.RepositoryNotFoundError:
+        raise FileNotFoundError(f"no model {source} on the hub (or it is private or gated: log in with `hf auth "
+                                "login`), and no local folder of that name") from None
 
 
 class HFCheckpoint:
@@ -169,8 +198,13 @@ class HFCheckpoint:
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a shard index ({type(e).__name__}: {e}); download the checkpoint "
+                             "again") from None
+        return [inside(folder, f, str(index)) for f in files]
     single = folder / "model.safetensors"
     files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))  # not its variants (model.fp16)
     if not files:  # pickle weights (a hub download fetches safetensors only) or none: transformers will tell

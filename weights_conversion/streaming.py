@@ -13,15 +13,18 @@ from typing import Any
 import torch
 
 from hooked_vlm import serialization
+from hooked_vlm.arguments import as_dtype
 from hooked_vlm.shards import Entry
 
 from .checkpoint import HFCheckpoint, resolve
 from .state_dict import ConversionPlan
 
 
-def plan_checkpoint(ckpt: HFCheckpoint, **options: Any) -> tuple[Any, ConversionPlan]:
-    """The hooked config and the conversion plan of a checkpoint; tied aliases stored twice are checked equal."""
-    cfg = ckpt.converter.config(ckpt.config, **options)
+def plan_checkpoint(ckpt: HFCheckpoint, where: str = "plan_checkpoint()", **options: Any
+                    ) -> tuple[Any, ConversionPlan]:
+    """The hooked config (with the model switches of `options` set) and the conversion plan of a checkpoint; tied
+    aliases stored twice are checked equal."""
+    cfg = serialization.apply_switches(ckpt.converter.config(ckpt.config), options, where)
     plan = ckpt.converter.plan(ckpt.shapes(), cfg)
     for alias, target in plan.aliases.items():
         if not ckpt.same_tensor(alias, target) and not torch.equal(ckpt.read(alias), ckpt.read(target)):
@@ -29,17 +32,18 @@ def plan_checkpoint(ckpt: HFCheckpoint, **options: Any) -> tuple[Any, Conversion
     return cfg, plan
 
 
-def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, device_map: Any = None,
                     max_memory: dict[Any, int | str] | None = None, offload_dir: str | os.PathLike | None = None,
-                    **options: Any):
+                    where: str = "load_checkpoint()", **options: Any):
     """A hooked model straight from an HF checkpoint folder with safetensors weights (no transformers model is
     built, except on the meta device to learn its names); `dtype` None keeps the checkpoint's, as HF's "auto"."""
     from hooked_vlm.models.base import load_converted
     from hooked_vlm.placement import device_for, dispatch, resolve_device_map
 
+    dtype = as_dtype(dtype)
     with HFCheckpoint(folder) as ckpt:
-        cfg, plan = plan_checkpoint(ckpt, **options)
+        cfg, plan = plan_checkpoint(ckpt, where, **options)
         dtype = dtype or ckpt.default_dtype()
         with torch.device("meta"):
             model = ckpt.converter.model_class(cfg)
@@ -64,16 +68,20 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     return model.to(device=device)
 
 
-def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       dtype: torch.dtype | str | None = None,
                        overwrite: bool = False, shard_bytes: int = serialization.DEFAULT_SHARD_BYTES,
                        progress: bool = False, local_files_only: bool = False,
                        cache_dir: str | os.PathLike | None = None, revision: str | None = None,
                        **options: Any) -> Path:
     """Write hooked_vlm's format for an HF checkpoint (a hub id or a local folder) to `out_dir`, atomically, one
-    tensor at a time; the hooked model is never built. Returns `out_dir`."""
+    tensor at a time; the hooked model is never built. Returns `out_dir`. `overwrite` replaces only what
+    `serialization.check_target` allows (never the source, nor a folder containing it)."""
+    dtype = as_dtype(dtype)
     folder = resolve(source, local_files_only=local_files_only, cache_dir=cache_dir, revision=revision)
+    serialization.check_target(out_dir, overwrite=overwrite, sources=[folder])  # before any work
     with HFCheckpoint(folder) as ckpt:
-        cfg, plan = plan_checkpoint(ckpt, **options)
+        cfg, plan = plan_checkpoint(ckpt, "convert_checkpoint()", **options)
         dtype = dtype or ckpt.default_dtype()
         shapes = ckpt.shapes()
 
@@ -98,7 +106,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
                 out_dir, model_class=ckpt.converter.model_class.__name__, cfg=cfg, entries=entries,
                 hf_origin=serialization.HFOrigin.of(ckpt.converter.hf_class, ckpt.config), unused=unused,
                 processor=serialization.load_processor(folder), shard_bytes=shard_bytes, overwrite=overwrite,
-                progress=(lambda e: bar.update(e.nbytes)) if bar is not None else None)
+                progress=(lambda e: bar.update(e.nbytes)) if bar is not None else None, sources=[folder])
         finally:
             if bar is not None:
                 bar.close()
