@@ -226,3 +226,104 @@ def test_parameters_never_share_memory(tmp_path):
         with torch.no_grad():
             model.lm_encoder.embed.W_E[0] += 1
         assert not torch.equal(model.lm_encoder.embed.W_E, model.lm_decoder.embed.W_E)
+
+
+def _llava_with_text(text_class: str, seed: int, **fields):
+    """The tiny LLaVA with its Llama LM's config rebuilt as `text_class` with `fields` changed (weights random)."""
+    import transformers
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from hooked_vlm.tiny import randomize_parameters_
+
+    hf, processor = build_llava(seed=seed)
+    text = {k: v for k, v in hf.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    text_config = getattr(transformers, text_class)(**{**text, **fields})
+    cfg = LlavaConfig(vision_config=hf.config.vision_config.to_dict(), text_config=text_config.to_dict(),
+                      image_token_index=hf.config.image_token_id, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      tie_word_embeddings=fields.get("tie_word_embeddings", False))
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    return randomize_parameters_(model, seed=seed), processor
+
+
+def test_llama_fields_that_change_the_forward_convert_at_parity(tmp_path):
+    """head_dim != hidden / heads, q/k/v/o and MLP biases, and an unembedding tied to the embedding: each read by HF's
+    Llama forward and implemented by the converter, so each is checked against transformers (from_hf and a folder)."""
+    hf, processor = _llava_with_text("LlamaConfig", 12, head_dim=24, attention_bias=True, mlp_bias=True,
+                                     tie_word_embeddings=True)
+    assert hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
+    assert hf.model.language_model.layers[0].self_attn.q_proj.out_features == 4 * 24
+    hf.save_pretrained(tmp_path / "hf")
+    inputs = processor(images=IMAGES, text=["USER: <image>\nwhat is this? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"],
+                       padding=True, return_tensors="pt")
+    real = inputs["attention_mask"].bool()  # pad positions differ by design (HF numbers them, see docs/hooks.md)
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        for model in (HookedVLM.from_hf(hf), HookedVLM.from_pretrained(tmp_path / "hf")):
+            assert model.lm.cfg.block.attn.d_head == 24 and model.lm.cfg.block.mlp.bias
+            torch.testing.assert_close(model(**inputs)[real], ref[real], atol=1e-5, rtol=0)
+
+
+def test_a_stray_llama_field_in_a_mistral_config_changes_nothing():
+    """HF's Mistral has no attention or MLP biases, whatever its config holds: the converter reads them for Llama
+    only (it used to expect bias tensors that a Mistral never has)."""
+    hf, processor = _llava_with_text("MistralConfig", 13, attention_bias=True, mlp_bias=True)
+    assert hf.model.language_model.layers[0].self_attn.q_proj.bias is None
+    inputs = processor(images=IMAGES[:1], text=["USER: <image>\nwhat is this? ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(HookedVLM.from_hf(hf)(**inputs), hf(**inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_tied_t5_scales_its_decoder_output_at_parity(tmp_path):
+    """A T5 whose head is tied to the embedding (T5 v1.0) scales the decoder output by d_model ** -0.5 before it:
+    checked against transformers, from the live model and from a folder that stores the shared tensor once."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, T5Config
+
+    from hooked_vlm.tiny import randomize_parameters_
+
+    flan, processor, inputs = build("instructblip-t5")
+    text = {k: v for k, v in flan.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    cfg = InstructBlipConfig(vision_config=flan.config.vision_config.to_dict(),
+                             qformer_config=flan.config.qformer_config.to_dict(),
+                             text_config=T5Config(**{**text, "tie_word_embeddings": True,
+                                                        "scale_decoder_outputs": True}).to_dict(),
+                             num_query_tokens=flan.config.num_query_tokens,
+                             image_token_index=flan.config.image_token_id)
+    hf = randomize_parameters_(InstructBlipForConditionalGeneration._from_config(cfg, attn_implementation="eager"),
+                               seed=14).eval()
+    assert hf.config.text_config.scale_decoder_outputs
+    assert hf.language_model.lm_head.weight is hf.language_model.shared.weight
+    hf.save_pretrained(tmp_path / "hf")
+    inputs = {**inputs, "decoder_input_ids": torch.tensor([[0, 5, 7, 9], [0, 4, 6, 1]])}
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        for model in (HookedVLM.from_hf(hf), HookedVLM.from_pretrained(tmp_path / "hf")):
+            assert model.lm_decoder.cfg.scale_outputs
+            torch.testing.assert_close(model(**inputs), ref, atol=1e-5, rtol=0)
+
+
+def test_instructblip_with_a_mistral_lm_at_parity():
+    """Mistral is accepted for InstructBLIP's decoder-only LM too (HF builds it with AutoModelForCausalLM): the sliding
+    window binds on these prompts, and the logits equal transformers'."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, MistralConfig
+
+    from hooked_vlm.tiny import randomize_parameters_
+
+    vicuna, processor, inputs = build("instructblip-llama")
+    text = {k: v for k, v in vicuna.config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    cfg = InstructBlipConfig(vision_config=vicuna.config.vision_config.to_dict(),
+                             qformer_config=vicuna.config.qformer_config.to_dict(),
+                             text_config=MistralConfig(**{**text, "sliding_window": 4}).to_dict(),
+                             num_query_tokens=vicuna.config.num_query_tokens,
+                             image_token_index=vicuna.config.image_token_id)
+    hf = randomize_parameters_(InstructBlipForConditionalGeneration._from_config(cfg, attn_implementation="eager"),
+                               seed=15).eval()
+    assert type(hf.language_model).__name__.startswith("Mistral")
+    model = HookedVLM.from_hf(hf)
+    assert model.lm.cfg.sliding_window == 4
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        torch.testing.assert_close(model(**inputs)[real], ref[real], atol=1e-5, rtol=0)
+        model.lm.cfg.sliding_window = None  # the window matters here: without it the logits differ
+        assert not torch.allclose(model(**inputs)[real], ref[real], atol=1e-3)

@@ -15,27 +15,37 @@ from hooked_vlm.models.blip import BlipConfig, HookedBlipCaptioning, HookedBlipI
 from hooked_vlm.towers.bert import TextConfig
 from hooked_vlm.towers.vit import VisionConfig
 
-from .registry import register_converter
+from .registry import refuse, register_converter, require_type
 from .state_dict import ConversionPlan, SourceWeights
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "quick_gelu": "quick_gelu", "silu": "silu", "relu": "relu"}
 
 
-def activation(name: str) -> str:
+def activation(name: str, what: str = "activation") -> str:
+    """hooked_vlm's name of the HF activation `name`; `what` says which config field it came from."""
     if name not in HF_ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(HF_ACTIVATIONS)}")
+        raise ValueError(f"the {what} {name!r} is not supported by hooked_vlm; supported: {', '.join(HF_ACTIVATIONS)}")
     return HF_ACTIVATIONS[name]
+
+
+def check_vision(vc: Any, supported: tuple[str, ...]) -> None:
+    """A vision tower of a supported type, with the 3-channel patch embedding the hooked tower has."""
+    require_type(vc, supported, "vision tower")
+    channels = getattr(vc, "num_channels", 3)
+    if channels != 3:
+        refuse("vision tower", "num_channels", channels, "3 (RGB images)")
 
 
 # ---------------------------------------------------------------------------------------------- configs
 def vit_config(vc: Any, *, qkv_bias: bool = True) -> VisionConfig:
     """BLIP / InstructBLIP (EVA) vision tower: pre-LN, fused qkv, no pre-norm, post-norm on every token."""
+    check_vision(vc, ("blip_vision_model", "instructblip_vision_model"))
     d_head = vc.hidden_size // vc.num_attention_heads
     block = BlockConfig(
         d_model=vc.hidden_size,
         attn=AttnConfig(vc.num_attention_heads, d_head, bias=qkv_bias),
-        mlp=MLPConfig(vc.intermediate_size, act=activation(vc.hidden_act)),
+        mlp=MLPConfig(vc.intermediate_size, act=activation(vc.hidden_act, "vision tower's hidden_act")),
         norm=NormConfig("layer", vc.layer_norm_eps),
         layout="pre",
     )
@@ -51,7 +61,7 @@ def bert_block_config(tc: Any, *, cross: bool, kv_dim: int | None = None) -> Blo
         d_model=tc.hidden_size,
         attn=AttnConfig(H, d_head),
         cross_attn=AttnConfig(H, d_head, cross=True, kv_dim=kv_dim) if cross else None,
-        mlp=MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act)),
+        mlp=MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act, f"{tc.model_type} hidden_act")),
         norm=NormConfig("layer", tc.layer_norm_eps),
         layout="post",
     )
@@ -61,7 +71,7 @@ def blip_text_config(tc: Any, *, causal: bool, lm_head: bool) -> TextConfig:
     # every BLIP text tower built with is_decoder=True has a cross-attention in each layer, the encoders included
     block = bert_block_config(tc, cross=bool(tc.is_decoder), kv_dim=tc.encoder_hidden_size)
     return TextConfig(tc.vocab_size, tc.max_position_embeddings, tc.num_hidden_layers, block, causal=causal,
-                      lm_head=lm_head, head_act=activation(tc.hidden_act))
+                      lm_head=lm_head, head_act=activation(tc.hidden_act, "text model's hidden_act"))
 
 
 def _blip_config(hf: Any, *, encoder: bool, decoder: bool, itm: bool, mask_cross_attention: bool = False

@@ -20,7 +20,7 @@ from hooked_vlm.towers.t5 import T5StackConfig
 from .blip import activation, bert_block_config, convert_bert_layer, convert_vit, vit_config
 from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config  # the decoder-only LM, shared with LLaVA
-from .registry import register_converter
+from .registry import refuse, register_converter, require_type
 from .state_dict import ConversionPlan, SourceWeights
 
 
@@ -32,14 +32,23 @@ def qformer_config(hf: Any) -> QFormerConfig:
                          block, qc.cross_attention_frequency)
 
 
+# encoder-decoder LMs whose forward the hooked T5 stacks reproduce (parity: test_instructblip.py); mT5, UMT5, BART
+# and the rest are refused
+ENCODER_DECODER_LMS = ("t5",)
+
+
 def t5_stack_config(tc: Any, *, decoder: bool) -> T5StackConfig:
-    """Pre-LN RMS blocks without biases; attention unscaled (T5 folds 1/sqrt(d) into its init)."""
+    """Pre-LN RMS blocks without biases; attention unscaled (T5 folds 1/sqrt(d) into its init). The HF T5 forward
+    reads d_model, d_kv, d_ff, num_heads, the layer counts, feed_forward_proj (dense_act_fn, is_gated_act),
+    layer_norm_epsilon, the relative-attention buckets and scale_decoder_outputs: all taken here."""
+    require_type(tc, ENCODER_DECODER_LMS, "encoder-decoder language model")
     attn = AttnConfig(tc.num_heads, tc.d_kv, bias=False, out_bias=False, scale=1.0)
     block = BlockConfig(
         d_model=tc.d_model,
         attn=attn,
         cross_attn=replace(attn, cross=True) if decoder else None,
-        mlp=MLPConfig(tc.d_ff, act=activation(tc.dense_act_fn), gated=tc.is_gated_act, bias=False),
+        mlp=MLPConfig(tc.d_ff, act=activation(tc.dense_act_fn, "language model's dense_act_fn"), gated=tc.is_gated_act,
+                      bias=False),
         norm=NormConfig("rms", tc.layer_norm_epsilon, upcast_input=False),  # T5LayerNorm
         layout="pre",
     )
@@ -51,17 +60,20 @@ def t5_stack_config(tc: Any, *, decoder: bool) -> T5StackConfig:
 
 def instructblip_config(hf: Any, *, hf_positions: bool = False) -> InstructBlipConfig:
     tc = hf.text_config
+    # the language model first: its type decides whether anything below can be reproduced
+    if hf.use_decoder_only_language_model:
+        lm = dict(lm=llama_config(tc))
+    else:
+        lm = dict(lm_encoder=t5_stack_config(tc, decoder=False), lm_decoder=t5_stack_config(tc, decoder=True),
+                  decoder_start_token_id=_decoder_start(tc))
+    require_type(hf.qformer_config, ("instructblip_qformer",), "Q-Former")
     if hf.image_token_id is None:
         raise ValueError("this InstructBLIP config has no image_token_id (image_token_index): the model cannot tell "
                          "where the image goes in the prompt; set it to the id of the tokenizer's <image> token")
-    common = dict(vision=vit_config(hf.vision_config, qkv_bias=getattr(hf.vision_config, "qkv_bias", True)),
-                  qformer=qformer_config(hf), d_lm=tc.hidden_size if hasattr(tc, "hidden_size") else tc.d_model,
-                  image_token_id=hf.image_token_id, hf_positions=hf_positions, **generation_tokens(hf))
-    if hf.use_decoder_only_language_model:
-        return InstructBlipConfig(lm=llama_config(tc), **common)
-    return InstructBlipConfig(lm_encoder=t5_stack_config(tc, decoder=False),
-                              lm_decoder=t5_stack_config(tc, decoder=True),
-                              decoder_start_token_id=_decoder_start(tc), **common)
+    vision = vit_config(hf.vision_config, qkv_bias=getattr(hf.vision_config, "qkv_bias", True))
+    d_lm = tc.hidden_size if hasattr(tc, "hidden_size") else tc.d_model
+    return InstructBlipConfig(vision=vision, qformer=qformer_config(hf), d_lm=d_lm, image_token_id=hf.image_token_id,
+                              hf_positions=hf_positions, **generation_tokens(hf), **lm)
 
 
 def _decoder_start(tc: Any) -> int:

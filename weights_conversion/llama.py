@@ -9,26 +9,41 @@ from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
 from hooked_vlm.towers.llama import LlamaConfig
 
 from .blip import activation
+from .registry import refuse, require_type
 from .state_dict import SourceWeights
+
+# LM types whose forward the hooked Llama reproduces, each checked at parity with transformers (Llama: test_llava.py,
+# test_instructblip.py; Mistral: test_llava.py::test_mistral_shaped_lm). Look-alikes are refused: Gemma scales the
+# embeddings by sqrt(d) and its RMSNorm by 1 + w, Granite multiplies embeddings, residuals, scores and logits.
+DECODER_LMS = ("llama", "mistral")
 
 
 def llama_config(tc: Any) -> LlamaConfig:
+    """Fields the HF Llama/Mistral forward reads (modeling_llama.py, modeling_mistral.py): sizes, head_dim,
+    num_key_value_heads, hidden_act, rms_norm_eps, rope_parameters (default rope only), attention_bias, mlp_bias,
+    sliding_window (Mistral); tied embeddings change only where lm_head is stored."""
+    kind = require_type(tc, DECODER_LMS, "language model")
+
+    def read(field: str, default: Any, only: str) -> Any:
+        # a field that only the `only` type's forward reads: a stray copy in the other type's config changes nothing
+        return getattr(tc, field, default) if kind == only else default
+
     rope = dict(getattr(tc, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only the default rotary embedding)")
+    if rope_type != "default":  # linear, dynamic, yarn, llama3, longrope... rescale the frequencies
+        refuse("language model", "rope_type", rope_type, "'default' (the unscaled rotary embedding)")
     base = rope.get("rope_theta", getattr(tc, "rope_theta", 10_000.0))
     # Mistral's sliding window (HF: create_sliding_window_causal_mask whenever config.sliding_window is set)
-    window = getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None
+    window = read("sliding_window", None, only="mistral")
     H = tc.num_attention_heads
     d_head = getattr(tc, "head_dim", None) or tc.hidden_size // H
     attn = AttnConfig(H, d_head, n_kv_heads=getattr(tc, "num_key_value_heads", None) or H,
-                      bias=bool(getattr(tc, "attention_bias", False)),
-                      out_bias=bool(getattr(tc, "attention_bias", False)),
+                      bias=bool(read("attention_bias", False, only="llama")),
+                      out_bias=bool(read("attention_bias", False, only="llama")),
                       softmax_fp32=True, rotary=RotaryConfig(float(base)))
     block = BlockConfig(tc.hidden_size, attn,
-                        MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act), gated=True,
-                                  bias=bool(getattr(tc, "mlp_bias", False))),
+                        MLPConfig(tc.intermediate_size, act=activation(tc.hidden_act, "language model's hidden_act"),
+                                  gated=True, bias=bool(read("mlp_bias", False, only="llama"))),
                         NormConfig("rms", tc.rms_norm_eps), layout="pre")
     return LlamaConfig(tc.vocab_size, tc.num_hidden_layers, block, sliding_window=window)
 

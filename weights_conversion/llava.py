@@ -11,17 +11,17 @@ from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
 from hooked_vlm.models.llava import HookedLlava, LlavaConfig
 from hooked_vlm.towers.vit import VisionConfig
 
-from .blip import activation
+from .blip import activation, check_vision
 from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config
-from .registry import register_converter
+from .registry import refuse, register_converter
 from .state_dict import ConversionPlan, SourceWeights
 
 
 def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
     vc = hf.vision_config
-    if getattr(vc, "model_type", "clip_vision_model") != "clip_vision_model":
-        raise ValueError(f"only CLIP vision towers are supported, got {vc.model_type!r}")
+    check_vision(vc, ("clip_vision_model",))  # CLIP only: SigLIP, Pixtral... towers differ
+    tc = llama_config(hf.text_config)  # the LM's type and fields, before any vision work
     layers = hf.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     counts = tuple(layer if layer >= 0 else vc.num_hidden_layers + 1 + layer for layer in layers)  # hidden_states
@@ -31,15 +31,15 @@ def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
                          f"{vc.num_hidden_layers})")
     H = vc.num_attention_heads
     block = BlockConfig(vc.hidden_size, AttnConfig(H, vc.hidden_size // H, softmax_fp32=True),
-                        MLPConfig(vc.intermediate_size, act=activation(vc.hidden_act)),
+                        MLPConfig(vc.intermediate_size, act=activation(vc.hidden_act, "vision tower's hidden_act")),
                         NormConfig("layer", vc.layer_norm_eps), layout="pre")
     # only the blocks up to the deepest selected layer: HF computes the rest and throws them away
     vision = VisionConfig(vc.image_size, vc.patch_size, max(counts), block, patch_bias=False, ln_pre=True,
                           ln_post=False)
     if hf.vision_feature_select_strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy {hf.vision_feature_select_strategy!r} is not supported")
-    return LlavaConfig(vision, llama_config(hf.text_config), counts, hf.vision_feature_select_strategy,
-                       hf.image_token_id, projector_act=activation(hf.projector_hidden_act),
+        refuse("LLaVA config", "vision_feature_select_strategy", hf.vision_feature_select_strategy, "'default', 'full'")
+    return LlavaConfig(vision, tc, counts, hf.vision_feature_select_strategy,
+                       hf.image_token_id, projector_act=activation(hf.projector_hidden_act, "projector_hidden_act"),
                        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)), hf_positions=hf_positions,
                        **generation_tokens(hf))
 

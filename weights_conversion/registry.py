@@ -43,3 +43,22 @@ def converter_for(hf_model: nn.Module | str) -> Converter:
         return CONVERTERS[name]
     except KeyError:
         raise ValueError(f"hooked_vlm cannot convert {name}; supported HF classes: {', '.join(sorted(CONVERTERS))}")
+
+
+# ---------------------------------------------------------------------------------------------- what converts
+# A converter reproduces a sub-model's forward only for the types and config values it implements; anything else
+# would convert without a word and run with wrong logits (Gemma scales its embeddings, Granite multiplies its
+# residuals). These checks run in `Converter.config`, before a weight is read, so every loading path refuses.
+def require_type(sub_config: Any, supported: tuple[str, ...], what: str) -> str:
+    """The sub-config's model_type, if it is one of `supported`; else a ValueError naming it and the supported ones."""
+    kind = getattr(sub_config, "model_type", None)
+    if kind not in supported:
+        raise ValueError(f"the {what} is {kind!r} ({type(sub_config).__name__}), whose forward hooked_vlm does not "
+                         f"reproduce; supported {what} types: {', '.join(supported)}")
+    return kind
+
+
+def refuse(what: str, field: str, value: Any, supported: str) -> None:
+    """A config value of a supported type that the hooked forward does not implement."""
+    raise ValueError(f"the {what}'s {field}={value!r} is not supported by hooked_vlm (its forward would differ "
+                     f"from transformers'); supported: {supported}")

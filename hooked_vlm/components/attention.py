@@ -32,7 +32,9 @@ class AttnConfig:
     bias: bool = True  # biases of the q, k, v projections
     out_bias: bool = True
     scale: float | None = None  # None: d_head ** -0.5 (T5: 1.0, its scaling is folded into the weights)
-    softmax_fp32: bool = False  # HF eager Llama, CLIP and T5 take the softmax in float32; BLIP in the input dtype
+    # HF eager Llama, CLIP and T5 take the softmax in float32, BLIP in the input dtype. Not read any more: both paths
+    # take it in float32 (so hooking changes nothing but rounding); kept so that saved configs load.
+    softmax_fp32: bool = False
     rotary: RotaryConfig | None = None
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ class Attention(nn.Module):
         if cfg.rotary is not None:
             self.hook_rot_q = HookPoint()  # [B, T, H, d_head]
             self.hook_rot_k = HookPoint()  # [B, S, H_kv, d_head]
-        self.hook_attn_scores = HookPoint()  # [B, H, T, S]
+        self.hook_attn_scores = HookPoint()  # [B, H, T, S], float32 (or float64)
         self.hook_pattern = HookPoint()  # [B, H, T, S]
         self.hook_z = HookPoint()  # [B, T, H, d_head]
         self.hook_result = HookPoint()  # [B, T, H, D]
@@ -157,12 +159,15 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             group = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.cfg.scale
+        # Scores and softmax in float32 (float64 stays), as the fused kernel accumulates them: in half precision a
+        # q.k product can overflow and a masked score saturate, so hooking the pattern would change the result.
+        # The pattern is cast back to the values' dtype, as HF's eager attention does.
+        wide = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * self.cfg.scale
         if bias is not None:
             scores = scores + bias
         scores = self.hook_attn_scores(scores)
-        dtype = torch.float32 if self.cfg.softmax_fp32 else None
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=dtype).to(q.dtype))
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype))
         return torch.matmul(pattern, v)
 
     def _output(self, z: Float[Tensor, "B T H d"]) -> Float[Tensor, "B T D"]:

@@ -1,7 +1,8 @@
 """Normalisation layers: LayerNorm (BERT, ViT, CLIP) and RMSNorm (Llama, T5), each with `hook_scale` and
 `hook_normalized`.
 
-`hook_scale` [B, T, 1] is the divisor (the standard deviation, or the root mean square, with eps);
+`hook_scale` [B, T, 1] is the divisor (the standard deviation, or the root mean square, with eps), in float32 for
+half-precision inputs: the statistics are taken in float32 on both paths, so hooking changes nothing but rounding;
 `hook_normalized` [B, T, D] is the layer's output, weight and bias applied: what the next sub-layer reads.
 The fused kernel runs unless `hook_scale` is hooked; then the division is spelled out so an edit flows on.
 """
@@ -35,15 +36,18 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.w = nn.Parameter(torch.ones(d_model))
         self.b = nn.Parameter(torch.zeros(d_model)) if bias else None
-        self.hook_scale = HookPoint()  # [B, T, 1]
+        self.hook_scale = HookPoint()  # [B, T, 1], float32 (or float64)
         self.hook_normalized = HookPoint()  # [B, T, D]
 
     def forward(self, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
         if self.hook_scale.has_hooks:
-            x = x - x.mean(-1, keepdim=True)
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            out = x / scale * self.w
-            out = out + self.b if self.b is not None else out
+            # In float32 (float64 stays), as F.layer_norm computes half inputs, rounding once at the end: in
+            # float16 BERT's eps of 1e-12 is 0, so a constant row would give 0 / 0, and every row would drift.
+            x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+            x32 = x32 - x32.mean(-1, keepdim=True)
+            scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            out = x32 / scale * self.w.to(x32.dtype)
+            out = (out + self.b.to(x32.dtype) if self.b is not None else out).to(x.dtype)
         else:
             out = F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
         return self.hook_normalized(out)
