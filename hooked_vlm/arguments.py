@@ -36,9 +36,9 @@ def reject_unknown(given: Iterable[str], accepted: Iterable[str], where: str) ->
 
 
 def keyword_names(fn: Callable[..., Any]) -> list[str]:
-    """The names `fn` accepts as keywords."""
+    """The names `fn` accepts as keywords (a method's `self` is not one a user may pass)."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds and p.name != "self"]
 
 
 def strict(fn: F) -> F:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..components import Attention, Block
-from ..hooks import HookedRootModule, HookSpec
+from ..hooks import HookedRootModule, HookSpec, PerCall
 from ..positions import Positions
 from ..towers.base import Tower
 
@@ -37,28 +38,39 @@ class HookedVLM(HookedRootModule):
 
     tower_names: tuple[str, ...] = ()
     processor: Any = None
-    last_positions: Positions | None = None
+    # where the last forward's prompt put its tokens; per thread (`PerCall`), so that a cache is never labelled with
+    # the positions of another thread's prompt
+    last_positions: PerCall[Positions | None] = PerCall(None)
     image_embeddings_hook: str = ""  # where the image enters the text side (causal tracing noises it)
     prompt_tower: str = ""  # the tower reading the prompt's tokens: the sequence `last_positions` describes
     output_tower: str = ""  # the tower whose head predicts tokens (logit lens), if any
+    prompt_template: str = "{question}"  # how the family's checkpoints expect a question (the CLI applies it)
     hf_origin: Any = None  # serialization.HFOrigin: the HF class, config and unused tensors, for `to_hf`
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, processor: Any = None, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None, share_weights: bool = False, **options: Any) -> "HookedVLM":
+                dtype: torch.dtype | str | None = None, share_weights: bool = False, **options: Any) -> "HookedVLM":
         """Convert a live transformers model (from its `state_dict()`).
 
         The hooked model gets its own copy of the weights, unless `share_weights=True` lets it keep views of the
         HF tensors where no reshaping was needed (saves memory; then editing one model edits the other).
-        `options` are model switches: `mask_cross_attention` (BLIP), `hf_positions` (LLaVA, InstructBLIP).
+        `options` are model switches: `mask_cross_attention` (BLIP), `hf_positions` (LLaVA, InstructBLIP); any
+        other is a TypeError. `dtype` is a float torch dtype or its name ("bfloat16").
         """
-        from weights_conversion import converter_for
+        from weights_conversion import CONVERTERS, converter_for
 
-        from ..serialization import HFOrigin
+        from ..arguments import as_dtype
+        from ..serialization import HFOrigin, apply_switches
 
-        converter = converter_for(hf_model)
-        cfg = converter.config(hf_model.config, **options)
+        if not isinstance(hf_model, nn.Module):  # checked first: a class name string would find a converter
+            raise TypeError(f"from_hf() takes a live transformers model ({', '.join(sorted(CONVERTERS))}), got a "
+                            f"{type(hf_model).__name__}; for a hub id or a folder use HookedVLM.from_pretrained")
+        converter = converter_for(hf_model)  # an unsupported class: a ValueError listing the supported ones
+        dtype = as_dtype(dtype)
+        # a switch this model does not have (or a typo of one of from_hf's keywords) is a TypeError naming the closest
+        cfg = apply_switches(converter.config(hf_model.config), options, f"from_hf() of {converter.hf_class}",
+                             also=("processor", "device", "dtype", "share_weights"))
         with torch.device("meta"):
             model = converter.model_class(cfg)
         hf_state = hf_model.state_dict()
@@ -76,7 +88,7 @@ class HookedVLM(HookedRootModule):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
+                        dtype: torch.dtype | str | None = None, device_map: str | dict[str, Any] | None = None,
                         max_memory: dict[Any, int | str] | None = None, offload_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
                         revision: str | None = None, **options: Any) -> "HookedVLM":
@@ -84,8 +96,8 @@ class HookedVLM(HookedRootModule):
         `model.processor`; or a folder written by `save_pretrained` (hooked_vlm's own format).
 
         Safetensors checkpoints are converted while they are read, tensor by tensor, into a model built on the meta
-        device: peak memory is about the weights in `dtype` (None: the checkpoint's own), and no transformers model
-        is built. Pickle-only checkpoints go through transformers' own (safe) loader.
+        device: peak memory is about the weights in `dtype` (a torch dtype or its name; None: the checkpoint's
+        own), and no transformers model is built. Pickle-only checkpoints go through transformers' own (safe) loader.
 
         `device_map` spreads the model over devices with accelerate: "auto" (or "balanced", "sequential") fills
         the GPUs, then the CPU (`max_memory` caps each, e.g. {0: "20GiB", "cpu": "60GiB"}), then `offload_dir`; or
@@ -93,27 +105,48 @@ class HookedVLM(HookedRootModule):
         on one device; see `hooked_vlm.placement`.
 
         Without network the files come from the local HF cache (`local_files_only=True` goes there directly and
-        skips the hub's retries). `options` are model switches, as in `from_hf`.
+        skips the hub's retries); `cache_dir` and `revision` apply to hub ids and are refused with a local folder.
+        `options` are model switches, as in `from_hf`, for every source (a hooked folder's saved switches are
+        replaced); a switch the model does not have is a TypeError.
         """
         from weights_conversion.checkpoint import NoSafetensors, hf_class, resolve
         from weights_conversion.streaming import load_checkpoint
 
         from .. import serialization
+        from ..arguments import as_dtype, keyword_names, reject_unknown
         from ..placement import dispatch, resolve_device_map
 
+        where = "HookedVLM.from_pretrained()"
+        # a typo is refused before any work; a switch of another family is refused once the model's config is read
+        reject_unknown(options, [*serialization.MODEL_SWITCHES, *keyword_names(cls.from_pretrained)], where)
+        dtype = as_dtype(dtype)
         placement = {"device_map": device_map, "max_memory": max_memory, "offload_dir": offload_dir}
+        serialization.recover(name_or_path)  # a save killed between its two renames: the old checkpoint comes back
         if serialization.is_hooked_checkpoint(name_or_path):  # hooked_vlm's own format: no transformers model
-            return serialization.load(name_or_path, device=device, dtype=dtype, **placement)
+            resolve(name_or_path, cache_dir=cache_dir, revision=revision)  # refuses hub options for a folder
+            return serialization.load(name_or_path, device=device, dtype=dtype, **placement, options=options,
+                                      where=where)
         folder = resolve(name_or_path, local_files_only=local_files_only, cache_dir=cache_dir, revision=revision)
         try:
-            return load_checkpoint(folder, dtype=dtype, device=device, **placement, **options)
+            return load_checkpoint(folder, dtype=dtype, device=device, **placement, where=where, **options)
         except NoSafetensors:  # pickle weights: only through transformers' own (safe) loader
             pass
         from transformers import AutoConfig
 
+        from weights_conversion import converter_for
+
+        config = AutoConfig.from_pretrained(folder)
+        architecture = hf_class(config, str(name_or_path))
+        # the switches are checked before the weights are read (from_hf would check them only after)
+        serialization.apply_switches(converter_for(architecture.__name__).config(config), options, where)
         kw = {"local_files_only": local_files_only, "cache_dir": cache_dir, "revision": revision}
-        hf_model = hf_class(AutoConfig.from_pretrained(folder), str(name_or_path)).from_pretrained(
-            name_or_path if not os.path.isdir(name_or_path) else folder, dtype=dtype or "auto", **kw)
+        try:
+            hf_model = architecture.from_pretrained(name_or_path if not os.path.isdir(name_or_path) else folder,
+                                                    dtype=dtype or "auto", **kw)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # a broken or refused pickle
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{folder} has no safetensors weights and transformers could not load its other "
+                             f"weights ({first}); convert them to model.safetensors") from e
         model = cls.from_hf(hf_model.eval(), processor=serialization.load_processor(folder),
                             device=None if device_map else device, dtype=dtype, share_weights=True, **options)
         del hf_model
@@ -122,10 +155,13 @@ class HookedVLM(HookedRootModule):
         device_map = resolve_device_map(model, device_map, dtype=model.dtype, max_memory=max_memory)
         return dispatch(model, device_map, offload_dir=offload_dir)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+    def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         overwrite: bool = False):
         """Write hooked_vlm's own format (safetensors shards, the config, the processor), atomically;
-        `HookedVLM.from_pretrained(out_dir)` loads it without transformers' model classes."""
+        `HookedVLM.from_pretrained(out_dir)` loads it without transformers' model classes. `dtype`: a floating
+        torch dtype or its name (None: as the model is). `overwrite=True` replaces an empty folder or a hooked_vlm
+        checkpoint holding only what hooked_vlm wrote, and nothing else (never the working or home folder); the
+        new folder is written beside the old and swapped in, so `out_dir` is never left without a whole checkpoint."""
         from .. import serialization
 
         return serialization.save(self, out_dir, dtype=dtype, overwrite=overwrite)
@@ -233,9 +269,21 @@ class HookedVLM(HookedRootModule):
     def generate(self, *, max_new_tokens: int = 20, do_sample: bool = False, fwd_hooks: Iterable[HookSpec] = (),
                  **inputs: Any) -> torch.Tensor:
         """Greedy generation with a KV cache; `fwd_hooks` are active at every step (the prompt's forward and each
-        new token's). Inputs are never modified."""
+        new token's). Inputs are never modified.
+
+        `inputs` are the processor's output, and `eos_token_id` / `pad_token_id` to override the model's. Sampling
+        and beam options (temperature=, num_beams=, ...) and unknown keywords are a TypeError.
+        """
+        from ..arguments import keyword_names
+        from .inputs import check_generate_keywords
+
+        if type(self)._generate is HookedVLM._generate:
+            raise TypeError(f"{type(self).__name__} does not generate text")
+        check_generate_keywords(inputs, ("max_new_tokens", "do_sample", "fwd_hooks", *keyword_names(self._generate)))
         if do_sample:
             raise ValueError("hooked_vlm generates greedily: pass do_sample=False (sampling is not supported)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         with self.hooks(fwd_hooks):
             return self._generate(max_new_tokens=max_new_tokens, **inputs)
 

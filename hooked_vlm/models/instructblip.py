@@ -16,7 +16,6 @@ pads 0), as HF's generate does: batched equals unbatched, and equals HF's forwar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,8 @@ from ..towers.t5 import T5Stack, T5StackConfig
 from ..towers.vit import VisionConfig, VisionTower
 from .base import HookedVLM
 from .generation import generation_positions, greedy_decode
+from .inputs import (check_batch, check_ids, check_mask, check_pixels, check_positions, refuse_right_padding,
+                     strict_forward)
 
 
 @dataclass
@@ -99,10 +100,13 @@ class HookedInstructBlip(HookedVLM):
         self.setup()
 
     # ------------------------------------------------------------------ the image side
-    def _check_inputs(self, pixel_values: Tensor | None, qformer_input_ids: Tensor | None, input_ids: Tensor | None,
-                      attention_mask: Tensor | None) -> Tensor:
-        """Clear errors for what HF accepts silently or fails on obscurely; returns the image-token mask [B, T]."""
-        self.vision.check_pixels(pixel_values)
+    def _check_inputs(self, pixel_values: Tensor | None, qformer_input_ids: Tensor | None,
+                      qformer_attention_mask: Tensor | None, input_ids: Tensor | None, attention_mask: Tensor | None,
+                      decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Clear errors for what HF accepts silently or fails on obscurely; returns the attention mask (all ones if
+        None), the Q-Former's mask (as given) and the image-token mask [B, T]."""
+        check_pixels(pixel_values, self.vision)
         if qformer_input_ids is None:
             raise ValueError("qformer_input_ids is missing: InstructBLIP's Q-Former reads the instruction too; pass "
                              "the whole processor output, e.g. model(**model.processor(images=image, text=prompt, "
@@ -110,15 +114,29 @@ class HookedInstructBlip(HookedVLM):
         if input_ids is None:
             raise ValueError("input_ids is missing: pass the prompt tokenized by model.processor (it holds the "
                              f"{self.cfg.qformer.n_query} image placeholder tokens)")
-        B = input_ids.shape[0]
+        qformer_input_ids = check_ids(qformer_input_ids, "qformer_input_ids", self.cfg.qformer.d_vocab,
+                                      self.cfg.qformer.n_ctx)
+        if qformer_attention_mask is not None:  # None stays None: the Q-Former then takes its fast unmasked path
+            check_mask(qformer_attention_mask, qformer_input_ids, "qformer_attention_mask", "qformer_input_ids")
+        lm_vocab = (self.cfg.lm_encoder if self.cfg.is_encoder_decoder else self.cfg.lm).d_vocab
+        input_ids = check_ids(input_ids, "input_ids", lm_vocab)
+        attention_mask = check_mask(attention_mask, input_ids, "attention_mask", "input_ids")
         sizes = {"pixel_values": pixel_values.shape[0], "qformer_input_ids": qformer_input_ids.shape[0],
-                 "input_ids": B}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"batch sizes differ: {sizes}; pass one image and one instruction per prompt (the "
-                             "processor repeats nothing: give it as many images as texts)")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}")
+                 "input_ids": input_ids.shape[0]}
+        if decoder_input_ids is not None or decoder_attention_mask is not None:
+            if not self.cfg.is_encoder_decoder:
+                raise ValueError("decoder_input_ids is for an encoder-decoder LM (Flan-T5); this model's LM is "
+                                 "decoder-only: append the tokens to input_ids instead")
+            if decoder_input_ids is None:
+                raise ValueError("decoder_attention_mask was given without decoder_input_ids; pass both or neither")
+            decoder_input_ids = check_ids(decoder_input_ids, "decoder_input_ids", self.cfg.lm_decoder.d_vocab)
+            check_mask(decoder_attention_mask, decoder_input_ids, "decoder_attention_mask", "decoder_input_ids")
+            sizes["decoder_input_ids"] = decoder_input_ids.shape[0]
+        check_batch(sizes, "pass one image and one instruction per prompt (the processor repeats nothing: give it as "
+                           "many images as texts)")
+        if position_ids is not None and self.cfg.is_encoder_decoder:
+            raise ValueError("position_ids is for a decoder-only LM; T5 has relative positions: drop position_ids")
+        check_positions(position_ids, input_ids)
         is_image = input_ids == self.cfg.image_token_id
         counts = is_image.sum(dim=1)
         n = self.cfg.qformer.n_query
@@ -127,7 +145,7 @@ class HookedInstructBlip(HookedVLM):
                              f"one per query, but the rows hold {counts.tolist()}; build the inputs with "
                              "model.processor(images=..., text=...), which inserts them (HF would silently ignore "
                              "the image or use part of it)")
-        return is_image
+        return attention_mask, qformer_attention_mask, is_image
 
     def encode_image(self, pixel_values: Float[Tensor, "B 3 H W"], qformer_input_ids: Int[Tensor, "B T_q"],
                      qformer_attention_mask: Int[Tensor, "B T_q"] | None = None) -> Float[Tensor, "B n_query D_lm"]:
@@ -176,20 +194,21 @@ class HookedInstructBlip(HookedVLM):
         return generation_positions(attention_mask)
 
     # ------------------------------------------------------------------ forward
+    @strict_forward
     def forward(self, pixel_values: Float[Tensor, "B 3 H W"] | None = None,
                 qformer_input_ids: Int[Tensor, "B T_q"] | None = None,
                 qformer_attention_mask: Int[Tensor, "B T_q"] | None = None,
                 input_ids: Int[Tensor, "B T"] | None = None, attention_mask: Int[Tensor, "B T"] | None = None,
                 decoder_input_ids: Int[Tensor, "B T_dec"] | None = None,
                 decoder_attention_mask: Int[Tensor, "B T_dec"] | None = None,
-                position_ids: Int[Tensor, "B T"] | None = None, **unused: Any) -> Float[Tensor, "B T_out V"]:
+                position_ids: Int[Tensor, "B T"] | None = None) -> Float[Tensor, "B T_out V"]:
         """LM logits: decoder-only, for every prompt position; T5, for every `decoder_input_ids` position.
 
         `position_ids` (decoder-only) overrides the model's numbering of the prompt positions.
         """
-        is_image = self._check_inputs(pixel_values, qformer_input_ids, input_ids, attention_mask)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask, qformer_attention_mask, is_image = self._check_inputs(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, decoder_input_ids,
+            decoder_attention_mask, position_ids)
         if self.cfg.is_encoder_decoder and decoder_input_ids is None:
             decoder_input_ids = torch.full((input_ids.shape[0], 1), self.cfg.decoder_start_token_id,
                                            dtype=torch.long, device=input_ids.device)
@@ -210,19 +229,24 @@ class HookedInstructBlip(HookedVLM):
     # ------------------------------------------------------------------ generation
     def _generate(self, *, max_new_tokens: int, pixel_values: Tensor | None = None,
                   qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None,
-                  input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **unused: Any) -> Tensor:
+                  input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
         """Greedy decoding with a KV cache, as HF: decoder-only returns the prompt and the new tokens, T5 the
-        decoder's tokens (from the start token). Without `input_ids` the prompt is the placeholders and `<s>`."""
-        if input_ids is None and pixel_values is not None and not self.cfg.is_encoder_decoder:
+        decoder's tokens (from the start token). Without `input_ids` the prompt is the placeholders and `<s>`.
+        `eos_token_id` and `pad_token_id` override the model's, as in HF's generate. A decoder-only LM refuses a
+        right-padded batch (see `inputs.refuse_right_padding`)."""
+        if input_ids is None and isinstance(pixel_values, Tensor) and not self.cfg.is_encoder_decoder:
             B = pixel_values.shape[0]
             start = [self.cfg.image_token_id] * self.cfg.qformer.n_query + [self.cfg.bos_token_id]
             input_ids = torch.tensor([start] * B, dtype=torch.long, device=pixel_values.device)
-        is_image = self._check_inputs(pixel_values, qformer_input_ids, input_ids, attention_mask)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask, qformer_attention_mask, is_image = self._check_inputs(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
+        if not self.cfg.is_encoder_decoder:
+            refuse_right_padding(attention_mask)
         self._record_positions(input_ids, attention_mask, is_image, qformer_input_ids, qformer_attention_mask)
         queries = self.encode_image(pixel_values, qformer_input_ids, qformer_attention_mask)
-        eos, pad = self.cfg.eos_token_id, self.cfg.pad_token_id
+        eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.cfg.pad_token_id if pad_token_id is None else pad_token_id
 
         if self.cfg.is_encoder_decoder:
             embeds = self._lm_inputs(self.lm_encoder.embed_tokens(input_ids), is_image, queries)

@@ -14,7 +14,7 @@ HF's forward does (for LLaVA the two differ by about 1e-6, since the pads sit at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from ..towers.llama import LlamaConfig, LlamaTower
 from ..towers.vit import VisionConfig, VisionTower
 from .base import HookedVLM
 from .generation import greedy_decode
+from .inputs import check_ids, check_mask, check_pixels, check_positions, refuse_right_padding, strict_forward
 
 
 @dataclass
@@ -75,6 +76,7 @@ class HookedLlava(HookedVLM):
     tower_names = ("vision", "projector", "lm")
     image_embeddings_hook = "lm.hook_inputs_embeds"  # at the image tokens' positions
     prompt_tower = output_tower = "lm"
+    prompt_template = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's chat format
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
@@ -93,8 +95,20 @@ class HookedLlava(HookedVLM):
             features = features[:, 1:]  # drop the class token
         return self.projector(features)
 
+    def _check_inputs(self, input_ids: Tensor | None, pixel_values: Tensor | None,
+                      attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Checked input ids, attention mask (all ones if None) and placeholder mask [B, T]."""
+        if input_ids is None:
+            raise ValueError("input_ids is missing: pass the processor's output, e.g. model(**model.processor("
+                             "images=image, text='USER: <image>\\nWhat is this? ASSISTANT:', return_tensors='pt'))")
+        input_ids = check_ids(input_ids, "input_ids", self.cfg.lm.d_vocab)
+        attention_mask = check_mask(attention_mask, input_ids, "attention_mask", "input_ids")
+        return input_ids, attention_mask, self._image_tokens(input_ids, pixel_values)
+
     def _image_tokens(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
         """The placeholder mask [B, T], after checking that placeholders and images match."""
+        if pixel_values is not None:
+            check_pixels(pixel_values, self.vision)
         is_image = input_ids == self.cfg.image_token_id
         n_tokens, per_image = int(is_image.sum()), self.cfg.tokens_per_image
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -115,8 +129,6 @@ class HookedLlava(HookedVLM):
             if (runs[:, -1] - runs[:, 0] != per_image - 1).any():
                 raise ValueError(f"example {b}: the {per_image} <image> tokens of each image must be consecutive, "
                                  "as the processor writes them")
-        if pixel_values is not None:
-            self.vision.check_pixels(pixel_values)
         return is_image
 
     def _positions(self, input_ids: Tensor, attention_mask: Tensor, is_image: Tensor) -> Positions:
@@ -157,16 +169,17 @@ class HookedLlava(HookedVLM):
         return generation_positions(attention_mask)
 
     # ------------------------------------------------------------------ forward
+    @strict_forward
     def forward(self, input_ids: Int[Tensor, "B T"] | None = None, pixel_values: Float[Tensor, "n 3 H W"] | None = None,
                 attention_mask: Int[Tensor, "B T"] | None = None, position_ids: Int[Tensor, "B T"] | None = None,
-                **unused: Any) -> Float[Tensor, "B T V"]:
-        """LM logits for every prompt position. Text-only prompts (no `<image>`, no pixel_values) work too."""
-        if input_ids is None:
-            raise ValueError("input_ids is missing: pass the processor's output, e.g. model(**model.processor("
-                             "images=image, text='USER: <image>\\nWhat is this? ASSISTANT:', return_tensors='pt'))")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        is_image = self._image_tokens(input_ids, pixel_values)
+                mm_token_type_ids: Int[Tensor, "B T"] | None = None) -> Float[Tensor, "B T V"]:
+        """LM logits for every prompt position. Text-only prompts (no `<image>`, no pixel_values) work too.
+
+        `mm_token_type_ids` (the processor's `return_mm_token_type_ids=True`) is accepted and ignored: it marks the
+        `<image>` positions, which the model reads from `input_ids` itself, so it cannot change the result.
+        """
+        input_ids, attention_mask, is_image = self._check_inputs(input_ids, pixel_values, attention_mask)
+        check_positions(position_ids, input_ids)
         self.last_positions = self._positions(input_ids, attention_mask, is_image)
         embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
         positions = position_ids if position_ids is not None else self.lm_positions(attention_mask)
@@ -174,14 +187,12 @@ class HookedLlava(HookedVLM):
 
     def _generate(self, *, max_new_tokens: int, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                   attention_mask: Tensor | None = None, eos_token_id: int | list[int] | None = None,
-                  pad_token_id: int | None = None, **unused: Any) -> Tensor:
+                  pad_token_id: int | None = None, mm_token_type_ids: Tensor | None = None) -> Tensor:
         """Greedy decoding with a KV cache; returns the prompt and the new tokens, as HF. `eos_token_id` and
-        `pad_token_id` override the model's (taken from the HF config), as in HF's generate."""
-        if input_ids is None:
-            raise ValueError("input_ids is missing: pass the processor's output")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        is_image = self._image_tokens(input_ids, pixel_values)
+        `pad_token_id` override the model's (taken from the HF config), as in HF's generate. A right-padded batch
+        is refused (see `inputs.refuse_right_padding`); `mm_token_type_ids` is ignored, as in `forward`."""
+        input_ids, attention_mask, is_image = self._check_inputs(input_ids, pixel_values, attention_mask)
+        refuse_right_padding(attention_mask)
         self.last_positions = self._positions(input_ids, attention_mask, is_image)
         embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
         return greedy_decode(self.lm.decode_step(embeds), input_ids, attention_mask, max_new_tokens,
