@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hooked_vlm import HookedVLM
+from hooked_vlm.metrics import answer_token
 
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -38,15 +39,24 @@ def load(model_name: str | None, tiny: str, device: str) -> HookedVLM:
 
 
 def first_token(tokenizer, word: str) -> int:
-    """The first sub-word of `word` as the model would generate it (BLIP-VQA answers' first token). A lone
-    word-boundary piece ("▁", which a tokenizer that spells the word out emits first, as the tiny Llama one does)
-    is skipped: every answer shares it, so it tells none apart."""
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"{word!r} tokenizes to nothing")
-    if len(ids) > 1 and tokenizer.convert_ids_to_tokens(ids[0]) in ("▁", "Ġ"):
-        return ids[1]
-    return ids[0]
+    """The first sub-word of `word` as the model would generate it (see `hooked_vlm.metrics.answer_token`)."""
+    return answer_token(tokenizer, word)
+
+
+def answerable(pairs: list, n: int, tokenizer) -> list:
+    """The first `n` pairs whose answers the tokenizer has a token for (a tiny model's vocabulary lacks some colour
+    words, whose answers would all be the unknown token); says which it skips."""
+    keep = []
+    for pair in pairs:
+        try:
+            first_token(tokenizer, pair.answer), first_token(tokenizer, pair.wrong_answer)
+        except ValueError as e:
+            print(f"(skipping the pair {pair.answer!r}/{pair.wrong_answer!r}: {e})")
+            continue
+        keep.append(pair)
+    if len(keep) < n:
+        raise SystemExit(f"only {len(keep)} of {len(pairs)} pairs have answers this tokenizer knows; {n} needed")
+    return keep[:n]
 
 
 def to(inputs: dict, device: str) -> dict:

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from _common import first_token, llava_prompt, load, parser, to
+from _common import answerable, first_token, llava_prompt, load, parser, to
 from hooked_vlm import analysis, corruption, metrics, patching, plot
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = load(args.model, "blip-vqa", args.device)
     processor, tok = model.processor, model.processor.tokenizer
-    pairs = corruption.synthetic_pairs(args.pairs, "color", seed=1)
+    pairs = answerable(corruption.synthetic_pairs(4 * args.pairs, "color", seed=1), args.pairs, tok)
 
     # SIP: one sweep per pair (NOTICE keeps per-example maps to find heads that matter across examples)
     per_pair = []

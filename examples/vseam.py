@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         plot.heatmap(getattr(scores, name), args.out / f"head_{name}.png", xlabel="head",
                      title=f"C4 {name} head scores (fit split)", centered=name == "delta")
     k = min(5, scores.positive.numel() // 2)
-    positive, negative = scores.positive_heads(k), scores.negative_heads(k)
-    print(f"C4 fit split: {int(scores.correct.sum())}/{half} answered correctly; positive heads {positive}; "
-          f"negative heads {negative}")
+    # positive heads exist only if some fit example was answered correctly, negative ones if some was not
+    positive = scores.positive_heads(k) if scores.correct.any() else []
+    negative = scores.negative_heads(k) if not scores.correct.all() else []
+    print(f"C4 fit split: {int(scores.correct.sum())}/{half} answered correctly; positive heads "
+          f"{positive or 'none (no correct answer)'}; negative heads {negative or 'none (no wrong answer)'}")
 
     def evaluate(hooks=()) -> tuple[float, float]:
         with torch.no_grad():
@@ -56,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     n_layers, n_heads = scores.positive.shape
     random_heads = rng.sample([(layer, head) for layer in range(n_layers) for head in range(n_heads)], k)
-    rows = {"baseline": evaluate(),
-            f"zero {k} positive heads": evaluate(interventions.ablate_heads(model, positive, tower="lm")),
-            f"zero {k} random heads": evaluate(interventions.ablate_heads(model, random_heads, tower="lm")),
-            f"rescaled, lambda={args.lam}": evaluate(analysis.rescaling_hooks(model, scores, lam=args.lam,
-                                                                              tower="lm"))}
+    rows = {"baseline": evaluate()}
+    if positive:
+        rows[f"zero {k} positive heads"] = evaluate(interventions.ablate_heads(model, positive, tower="lm"))
+        rows[f"zero {k} random heads"] = evaluate(interventions.ablate_heads(model, random_heads, tower="lm"))
+    else:
+        print("C5 skipped: no positive heads to ablate (fit on questions the model answers correctly)")
+    rows[f"rescaled, lambda={args.lam}"] = evaluate(analysis.rescaling_hooks(model, scores, lam=args.lam, tower="lm"))
     print("C5/C6 on the evaluation split (held out from the fit):")
     for name, (accuracy, p_answer) in rows.items():
         print(f"  {name:28s} accuracy {accuracy:.3f}  mean P(answer) {p_answer:.5f}")

@@ -12,11 +12,13 @@ from torch import Tensor
 
 from . import distributed as distributed_
 from . import interventions, metrics, patching
+from .arguments import strict
 from .cache import ActivationCache
 from .hooks import NameFilter
 from .models.base import HookedVLM
 
 
+@strict
 @torch.no_grad()
 def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook_names: NameFilter, *,
                     over: str = "examples", mask_key: str | None = "attention_mask", distributed: bool = False
@@ -41,6 +43,9 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
     for i, batch in enumerate(batches):
         if distributed and i % distributed_.world_size() != distributed_.rank():
             continue  # another process's batch
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch {i} is a {type(batch).__name__}: each batch must be the processor's output (a dict "
+                            "of tensors)")
         mask = batch.get(mask_key) if mask_key else None
 
         def accumulate(t: Tensor, hook: Any) -> None:
@@ -62,17 +67,28 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
     if distributed:  # every rank gets the sums over all the processes' batches (on the CPU)
         sums, counts = distributed_.all_sum(sums), distributed_.all_sum(counts)
     if not sums:
-        raise ValueError("no batch was given")
+        raise ValueError("mean_activation got no batches: pass a non-empty iterable of input dicts (a generator "
+                         "already consumed is empty)")
     return {n: (sums[n] / counts[n]).to(model.dtype) for n in names if n in sums}
 
 
+@strict
 def select_heads(scores: Float[Tensor, "*examples n_layers n_heads"], k_std: float = 2.0
                  ) -> list[tuple[int, int]]:
     """Heads whose mean |score| (over leading example dimensions) is at least mean + k_std * std over all heads
     (NOTICE's selection of important heads), as (layer, head), strongest first."""
+    if not isinstance(scores, Tensor) or scores.ndim < 2 or not scores.numel():
+        raise ValueError(f"scores must be a non-empty [..., n_layers, n_heads] tensor, got "
+                         f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"scores hold {int((~torch.isfinite(scores)).sum())} NaN or infinite values: select from "
+                         "finite scores (layers without that attention are NaN; drop them or use torch.nan_to_num)")
     magnitude = scores.abs()
     while magnitude.ndim > 2:
         magnitude = magnitude.mean(0)
+    if magnitude.numel() < 2 or bool((magnitude == magnitude.flatten()[0]).all()):
+        raise ValueError(f"every head has the same mean |score| ({magnitude.flatten()[0].item():.6g}), so none "
+                         "stands out: check that the sweep measured an effect (scores.std() is 0)")
     threshold = magnitude.mean() + k_std * magnitude.std()
     layers, heads = torch.nonzero(magnitude >= threshold, as_tuple=True)
     order = magnitude[layers, heads].argsort(descending=True)
@@ -90,6 +106,7 @@ class LogitLens:
     positions: Tensor
 
 
+@strict
 @torch.no_grad()
 def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str, Any], *, tower: str,
                positions: Sequence[int] | Tensor | None = None, k: int = 5) -> LogitLens:
@@ -102,6 +119,9 @@ def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str,
     if not hasattr(head, "logits") or not hasattr(head, "unembed"):
         raise ValueError(f"tower {tower!r} has no output head to read a stream with; the logit lens applies to the "
                          "towers that predict tokens")
+    vocab = getattr(getattr(head, "cfg", None), "d_vocab", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (vocab is not None and k > vocab):
+        raise ValueError(f"k={k!r}: pass a number of top tokens in 1..{vocab if vocab is not None else 'vocab size'}")
     n_layers = model.tower_info(tower).n_layers
     names = [f"{tower}.blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     cache = cache_or_inputs
@@ -112,8 +132,7 @@ def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str,
         raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's hook_resid_post of {tower!r}")
     stream = torch.stack([cache[n] for n in names])  # [L, B, T, D]
     B, T = stream.shape[1:3]
-    pos = torch.arange(T).expand(B, T) if positions is None else torch.as_tensor(positions, dtype=torch.long)
-    pos = pos.expand(B, -1) if pos.ndim == 1 else pos
+    pos = patching._positions(positions, B, T)  # checked: non-empty, in range, one row per example
     picked = stream[:, torch.arange(B)[:, None], pos.to(stream.device)]  # [L, B, P, D]
     probs = head.logits(picked.flatten(1, 2)).float().softmax(-1).view(*picked.shape[:3], -1)
     top = probs.topk(k, dim=-1)
@@ -138,18 +157,29 @@ class HeadScores:
     correct: Tensor  # [B] bool: baseline argmax == answer
 
     def positive_heads(self, k: int = 5) -> list[tuple[int, int]]:
+        """The k heads with the highest positive score; raises if no example was answered correctly."""
+        if not bool(self.correct.any()):
+            raise ValueError(f"no example of the {len(self.correct)} was answered correctly, so no head has a positive "
+                             "score: fit head_scores on examples the model answers correctly (see scores.correct)")
         return _top(self.positive, k)
 
     def negative_heads(self, k: int = 5) -> list[tuple[int, int]]:
+        """The k heads with the highest negative score; raises if every example was answered correctly."""
+        if bool(self.correct.all()):
+            raise ValueError(f"all {len(self.correct)} examples were answered correctly, so no head has a negative "
+                             "score: fit head_scores on examples the model answers wrongly too (see scores.correct)")
         return _top(self.negative, k)
 
 
 def _top(scores: Tensor, k: int) -> list[tuple[int, int]]:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}: pass a positive number of heads")
     flat = torch.nan_to_num(scores, nan=float("-inf")).flatten()
     idx = flat.topk(min(k, flat.numel())).indices
     return [(int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in idx]
 
 
+@strict
 def head_scores(model: HookedVLM, inputs: Mapping[str, Any], answer: metrics.TokenIds, *, tower: str = "lm",
                 attention: str = "attn", position: metrics.Position = -1, batch_size: int = 64,
                 progress: bool = True) -> HeadScores:
@@ -158,10 +188,12 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any], answer: metrics.Tok
     split by whether the unablated model answers correctly. Fit on one split and evaluate the resulting
     interventions (`rescaling_hooks`) on another."""
     metric = metrics.prob(answer, position)
+    patching._head_leaf(model, tower, attention, "z")  # the tower and attention exist: checked before any forward
     with torch.no_grad():
         logits = model(**inputs)
     examples = torch.arange(logits.shape[0], device=logits.device)
-    base = metric(logits, examples).float().cpu()  # [B]
+    base = metrics.evaluate(metric, logits, examples, "head_scores").float().cpu()  # [B]
+    metrics.check_finite(base, "the unablated run's examples")
     predicted = metrics._select(logits, position, examples).argmax(-1)
     correct = (predicted == metrics._per_row(answer, examples)).cpu()
     ablated = patching.ablation_sweep(model, inputs, metric, tower=tower, attention=attention,
@@ -175,6 +207,7 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any], answer: metrics.Tok
                       negative=masked_mean((-drop).clamp(min=0), ~correct), delta=drop.mean(-1), correct=correct)
 
 
+@strict
 def rescaling_hooks(model: HookedVLM, scores: HeadScores, *, lam: float = 1.0, tower: str = "lm",
                     attention: str = "attn", low: float = 0.0, high: float = 2.0) -> list:
     """V-SEAM's head rescaling as hooks: each head's values times clip(1 + lam * delta, low, high), where delta is

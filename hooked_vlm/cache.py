@@ -140,7 +140,7 @@ class ActivationCache:
         """The stream entering each block up to `layer` (exclusive; None: all blocks, plus the last block's
         output), stacked: [n_states, B, T, D]. With `incl_mid`, the stream after each attention too."""
         info = self._info(tower)
-        layer = info.n_layers if layer is None else self._layer_index(tower, layer)
+        layer = info.n_layers if layer is None else self._layer_bound(tower, layer, info.n_layers)
         states, labels = [], []
         for i in range(layer):
             states.append(self[tower, i, "resid_pre"])
@@ -166,7 +166,7 @@ class ActivationCache:
         if info.layout != "pre":
             raise ValueError(f"tower {tower!r} is post-LN: its stream is re-normalised after every sub-layer, so it "
                              "is not a sum of components; use accumulated_resid or the sub-layer outputs")
-        layer = info.n_layers if layer is None else self._layer_index(tower, layer)
+        layer = info.n_layers if layer is None else self._layer_bound(tower, layer, info.n_layers, low=0)
         parts, labels = [], []
         embed_names = [n for n in (f"{tower}.hook_embed", f"{tower}.hook_pos_embed", f"{tower}.hook_inputs_embeds")
                        if n in self.store]
@@ -189,7 +189,11 @@ class ActivationCache:
         [n_layers * n_heads, B, T, D], labels `L{l}H{h}`. Taken from `hook_result` when cached, otherwise computed
         from `hook_z` and the model's W_O."""
         info = self._info(tower)
-        layer = info.n_layers if layer is None else self._layer_index(tower, layer)
+        if attention not in ("attn", "cross_attn"):
+            raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
+        if attention == "cross_attn" and not any(info.has_cross_attn):
+            raise ValueError(f"tower {tower!r} has no cross-attention: use attention='attn'")
+        layer = info.n_layers if layer is None else self._layer_bound(tower, layer, info.n_layers)
         results, labels = [], []
         for i in range(layer):
             if attention == "cross_attn" and not info.has_cross_attn[i]:
@@ -203,5 +207,18 @@ class ActivationCache:
                 result = torch.einsum("...thd,hdm->...thm", z, W_O)
             results.append(result.movedim(-2, 0))
             labels += [f"L{i}H{h}" for h in range(result.shape[-2])]
+        if not results:
+            raise ValueError(f"no layer of {tower!r} below layer {layer} has {attention}: pass a larger layer "
+                             "(None for all)")
         stack = torch.cat(results)
         return (stack, labels) if return_labels else stack
+
+    def _layer_bound(self, tower: str, layer: int, n_layers: int, low: int = 1) -> int:
+        """An exclusive upper layer bound in low..n_layers (negative counts from the end), checked."""
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer={layer!r} is not an int: pass a layer number or None for all")
+        bound = self._layer_index(tower, layer)
+        if not low <= bound <= n_layers:
+            raise ValueError(f"layer={layer} is out of range for tower {tower!r} with {n_layers} layers: pass "
+                             f"{low}..{n_layers} (the blocks below it are used) or None for all")
+        return bound

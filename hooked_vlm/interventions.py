@@ -6,12 +6,15 @@ self- (`attention="attn"`) or cross-attention of any tower.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .arguments import strict
 from .hooks import HookSpec
 from .models.base import HookedVLM
 
@@ -25,13 +28,35 @@ def _z_name(model: HookedVLM, tower: str, attention: str, layer: int) -> str:
     return name
 
 
-def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
+def _n_heads(model: HookedVLM, tower: str, attention: str, layer: int) -> int:
+    """How many heads the `attention` of block `layer` has (after `_z_name` has checked that it exists)."""
+    return getattr(model.tower(tower).blocks[layer], attention).W_O.shape[0]
+
+
+def _by_layer(model: HookedVLM, heads: Iterable[Head], tower: str, attention: str) -> dict[int, list[int]]:
+    """{layer: [heads]}, every (layer, head) checked to exist before any hook is made."""
     layers: dict[int, list[int]] = {}
-    for layer, head in heads:
-        layers.setdefault(int(layer), []).append(int(head))
+    n_layers = model.tower_info(tower).n_layers  # raises for an unknown tower, naming the towers
+    for pair in heads:
+        try:
+            layer, head = (operator.index(i) for i in pair if not isinstance(i, bool))
+        except (TypeError, ValueError):
+            raise TypeError(f"head {pair!r} is not a (layer, head) pair of ints: pass e.g. [(3, 1), (5, 0)]") from None
+        if layer < 0:  # hook names have no negative layers
+            raise ValueError(f"head {pair!r}: layer {layer} is negative; tower {tower!r} has layers 0..{n_layers - 1}")
+        _z_name(model, tower, attention, layer)  # the layer and its attention exist (a KeyError names the closest)
+        n_heads = _n_heads(model, tower, attention, layer)
+        if not 0 <= head < n_heads:
+            raise ValueError(f"head {pair!r}: head {head} is out of range; layer {layer} of {tower!r} has heads "
+                             f"0..{n_heads - 1}")
+        layers.setdefault(layer, []).append(head)
+    if not layers:
+        raise ValueError("no heads given: pass at least one (layer, head) pair (an empty selection would change "
+                         "nothing)")
     return layers
 
 
+@strict
 def ablate_heads(model: HookedVLM, heads: Iterable[Head], *, mode: AblationMode = "zero", tower: str = "lm",
                  attention: Literal["attn", "cross_attn"] = "attn", means: Mapping[str, Tensor] | None = None,
                  seed: int = 0) -> list[HookSpec]:
@@ -47,7 +72,7 @@ def ablate_heads(model: HookedVLM, heads: Iterable[Head], *, mode: AblationMode 
     if mode not in ("zero", "mean", "mean_of_others", "resample"):
         raise ValueError(f"mode must be zero, mean, mean_of_others or resample, got {mode!r}")
     hooks = []
-    for layer, idx in _by_layer(heads).items():
+    for layer, idx in _by_layer(model, heads, tower, attention).items():
         name = _z_name(model, tower, attention, layer)
         if mode == "mean":
             if means is None or name not in means:
@@ -82,12 +107,22 @@ def _ablation_hook(idx: list[int], mode: str, mean: Tensor | None, seed: int):
     return hook
 
 
+@strict
 def scale_heads(model: HookedVLM, factors: Mapping[Head, float], *, tower: str = "lm",
                 attention: Literal["attn", "cross_attn"] = "attn") -> list[HookSpec]:
     """Hooks that multiply the given heads' values by their factors (V-SEAM's rescaling)."""
+    if not isinstance(factors, Mapping):
+        raise TypeError(f"factors is a {type(factors).__name__}: pass a dict {{(layer, head): factor}}")
+    _by_layer(model, factors, tower, attention)  # checks every (layer, head)
     by_layer: dict[int, dict[int, float]] = {}
     for (layer, head), factor in factors.items():
-        by_layer.setdefault(int(layer), {})[int(head)] = float(factor)
+        try:
+            value = float(factor)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(factor, bool) or not math.isfinite(value):
+            raise ValueError(f"factor {factor!r} for head {(layer, head)} is not a finite number: pass a float")
+        by_layer.setdefault(int(layer), {})[int(head)] = value
     hooks = []
     for layer, head_factors in by_layer.items():
         name = _z_name(model, tower, attention, layer)
@@ -126,6 +161,7 @@ def _position_mask(positions: Positions, batch: int, length: int, device: torch.
     return mask
 
 
+@strict
 def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions: Positions,
                        layers: Iterable[int], *, tower: str = "lm", attention: Literal["attn", "cross_attn"] = "attn",
                        heads: Iterable[int] | None = None) -> list[HookSpec]:
@@ -141,10 +177,19 @@ def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions
     """
     head_index = None if heads is None else list(heads)
     target = model.tower(tower)
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: pass the layers to knock attention out in, e.g. range(5, 15)")
+    if head_index is not None and not head_index:
+        raise ValueError("heads is empty: pass the heads to knock out, or heads=None for all")
     hooks = []
     for layer in layers:
         name = f"{tower}.blocks.{layer}.{attention}.hook_attn_scores"
         model.hook_names(name)
+        n_heads = _n_heads(model, tower, attention, layer)
+        if head_index is not None and not all(isinstance(h, int) and -n_heads <= h < n_heads for h in head_index):
+            raise ValueError(f"heads {head_index} are out of range: layer {layer} of {tower!r} has heads "
+                             f"0..{n_heads - 1}")
 
         def hook(scores: Tensor, hook: Any) -> Tensor:
             B, H, T, S = scores.shape
@@ -162,6 +207,7 @@ def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions
     return hooks
 
 
+@strict
 def replace_positions(model: HookedVLM, hook_name: str, positions: Positions, value: Tensor | float = 0.0, *,
                       prefill_only: bool = False) -> HookSpec:
     """A hook setting the activation of `hook_name` ([B, T, ...], a stream or embedding hook) at `positions` to

@@ -13,6 +13,8 @@ clean one. A sweep over a batch of examples reports the mean over examples.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,6 +25,7 @@ from torch import Tensor
 from . import corruption
 from . import distributed as distributed_
 from . import metrics as metrics_
+from .arguments import keyword_names, reject_unknown, strict
 from .components import BlockKV, LayerKV
 from .components.kv_cache import KVCache
 from .models.base import HookedVLM
@@ -33,6 +36,7 @@ HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
 
 
 # ---------------------------------------------------------------------------------------------- public sweeps
+@strict
 def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: metrics_.Metric, *,
                 tower: str, hook: str = "resid_pre", positions: Sequence[int] | Tensor | None = None,
                 direction: Direction = "denoise", normalize: bool = False, batch_size: int = 64,
@@ -47,12 +51,14 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     """
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
+    _require_leaf(model, tower, f"hook_{hook}")
     run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [f"hook_{hook}"])
     pos = run.positions(positions, f"hook_{hook}")  # [B, P]
     return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.hook_{hook}"], pos.shape[1], _patch_position(pos),
                      normalize, batch_size, progress, cut=int(pos.min()))
 
 
+@strict
 def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: metrics_.Metric, *,
                 tower: str, attention: Literal["attn", "cross_attn"] = "attn",
                 activation: Literal["z", "q", "k", "v", "pattern"] = "z",
@@ -68,9 +74,7 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     """
     if activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
-    if attention not in ("attn", "cross_attn"):
-        raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
-    leaf = f"{attention}.hook_{activation}"
+    leaf = _head_leaf(model, tower, attention, activation)
     run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [leaf])
 
     def by_head(t: Tensor) -> Tensor:
@@ -103,6 +107,7 @@ TRACE_KINDS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook
                "cross_attn": "hook_cross_attn_out"}
 
 
+@strict
 def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.TokenIds | metrics_.Metric, *,
                  tower: str, corrupt: Literal["image"] | Sequence[int] | Tensor = "image", noise: float = 3.0,
                  kind: Literal["resid", "attn", "mlp", "cross_attn"] = "resid", window: int = 1, samples: int = 1,
@@ -125,7 +130,13 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
         raise ValueError(f"kind must be one of {', '.join(TRACE_KINDS)}, got {kind!r}")
     if window < 1 or samples < 1:
         raise ValueError(f"window and samples must be >= 1, got window={window}, samples={samples}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise={noise!r}: pass a positive number of standard deviations (e.g. 3.0)")
+    if noise == 0 and normalize:  # the corrupted run is the clean one: every example would divide 0 by 0
+        raise ValueError("noise=0 with normalize=True: without noise the corrupted run equals the clean one, so the "
+                         "normalised effect is 0/0; pass noise > 0 (e.g. 3.0) or normalize=False")
     _check_inputs(model, inputs, inputs)
+    _require_leaf(model, tower, TRACE_KINDS[kind], f"kind={kind!r}")
     metric = target if callable(target) else metrics_.prob(target, position)
     leaf = TRACE_KINDS[kind]
     n_layers = model.tower_info(tower).n_layers
@@ -160,6 +171,7 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
     return torch.stack(results).mean(0)
 
 
+@strict
 def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
                             metric: metrics_.Metric, *, tower: str, hook: str = "resid_pre",
                             positions: Sequence[int] | Tensor | None = None, direction: Direction = "denoise",
@@ -169,12 +181,14 @@ def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt:
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
     leaf = f"hook_{hook}"
+    _require_leaf(model, tower, leaf)
     attr, pos = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, pos_dim=1)
     # per layer: [B, T, D] -> effect of patching each position alone: [B, P]
     cells = {layer: (d * g).sum(-1).gather(1, pos.to(d.device)) for layer, (d, g) in attr.items()}
     return _finish_attribution(cells, attr.m_target, attr, pos.shape[1], normalize)
 
 
+@strict
 def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
                             metric: metrics_.Metric, *, tower: str, attention: Literal["attn", "cross_attn"] = "attn",
                             activation: Literal["z", "q", "k", "v", "pattern"] = "z",
@@ -184,7 +198,7 @@ def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt:
     """`patch_heads`'s first-order approximation (attribution patching), with the same arguments and result."""
     if activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
-    leaf = f"{attention}.hook_{activation}"
+    leaf = _head_leaf(model, tower, attention, activation)
     pattern = activation == "pattern"
     attr, pos = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, pos_dim=2 if pattern else 1)
     cells = {}
@@ -213,6 +227,9 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str,
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     _check_inputs(model, clean, corrupt)
+    if not callable(metric):
+        raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
+                        "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     names = [n for n in model.hook_dict if n.startswith(f"{tower}.blocks.") and n.endswith("." + leaf)]
     if not names:
@@ -229,30 +246,35 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str,
 
     B = _batch_size(target)
     examples = torch.arange(B)
+    pos = _positions(positions, B, source_cache[names[0]].shape[pos_dim])  # checked before the costly runs
+    m_source = metrics_.evaluate(metric, source_logits, examples.to(source_logits.device), "the source run")
+    metrics_.check_finite(m_source, "the source run's examples")
     with torch.enable_grad():
         target_logits = model.run_with_hooks(**target, fwd_hooks=[(n, keep) for n in names])
-        m_target = metric(target_logits, examples.to(target_logits.device))
+        for name in names:  # before the backward pass and before subtracting: a clear error, not a broadcast one
+            if source_cache[name].shape != acts[name].shape:
+                raise ValueError(f"the clean and corrupted inputs differ in shape at {name} "
+                                 f"({tuple(source_cache[name].shape)} vs {tuple(acts[name].shape)}); make their "
+                                 "token counts equal")
+        m_target = metrics_.evaluate(metric, target_logits, examples.to(target_logits.device), "the target run")
+        metrics_.check_finite(m_target.detach(), "the target run's examples")
         grads = torch.autograd.grad(m_target.sum(), [acts[n] for n in names], allow_unused=True)
     result = _Attribution()
     for name, grad in zip(names, grads):
         diff = source_cache[name] - acts[name].detach()
-        if diff.shape != acts[name].shape:
-            raise ValueError(f"the clean and corrupted inputs differ in shape at {name} "
-                             f"({tuple(source_cache[name].shape)} vs {tuple(acts[name].shape)}); make their token "
-                             "counts equal")
         result[int(name.split(".")[2])] = (diff.float(), torch.zeros_like(diff, dtype=torch.float) if grad is None
                                            else grad.float())
     result.n_layers = model.tower_info(tower).n_layers
-    m_source = metric(source_logits, examples.to(source_logits.device))
     result.m_target = m_target.detach().float()
     result.m_clean, result.m_corrupt = ((m_source, result.m_target) if direction == "denoise"
                                         else (result.m_target, m_source))
-    length = source_cache[names[0]].shape[pos_dim]
-    return result, _positions(positions, B, length)
+    return result, pos
 
 
 def _finish_attribution(cells: dict[int, Tensor], m_target: Tensor, attr: _Attribution, n_cells: int,
                         normalize: bool) -> Tensor:
+    if normalize:
+        metrics_.check_normalizable(attr.m_clean, attr.m_corrupt)
     out = torch.full((attr.n_layers, n_cells), float("nan"))
     for layer, effect in cells.items():  # effect: [B, n_cells]
         value = m_target[:, None] + effect
@@ -262,6 +284,7 @@ def _finish_attribution(cells: dict[int, Tensor], m_target: Tensor, attr: _Attri
     return out
 
 
+@strict
 def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_.Metric, *, tower: str,
                    attention: Literal["attn", "cross_attn"] = "attn",
                    mode: Literal["zero", "mean_of_others"] = "mean_of_others", batch_size: int = 64,
@@ -273,7 +296,10 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
     if mode not in ("zero", "mean_of_others"):
         raise ValueError(f"mode must be 'zero' or 'mean_of_others', got {mode!r}")
     _check_inputs(model, inputs, inputs)
-    leaf = f"{attention}.hook_z"
+    leaf = _head_leaf(model, tower, attention, "z")
+    if mode == "mean_of_others" and model.tower_info(tower).n_heads < 2:
+        raise ValueError(f"mode='mean_of_others' needs at least two heads per layer; tower {tower!r} has one: use "
+                         "mode='zero'")
     run = _Runs(model, inputs, None, metric, tower, [leaf], clean_is_source=True)
     n_heads = run.source_act(leaf).shape[2]
 
@@ -302,6 +328,15 @@ def sweep_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Sequ
     Each example is swept alone, so the results equal a single process's. Results of different shapes (sweeps
     over every position of prompts of different lengths) are padded with NaN at the end of each dimension.
     """
+    accepted = set(keyword_names(sweep)) - {"model", "progress"}
+    reject_unknown(kwargs, accepted, f"sweep_dataset({getattr(sweep, '__name__', 'sweep')})")
+    if not len(examples):
+        raise ValueError("sweep_dataset got no examples: pass a non-empty sequence of argument tuples, e.g. "
+                         "[(clean, corrupt, metric), ...]")
+    for i, example in enumerate(examples):
+        if not isinstance(example, (tuple, list)):
+            raise TypeError(f"example {i} is a {type(example).__name__}: each example must be a tuple of the sweep's "
+                            "positional arguments after the model, e.g. (clean, corrupt, metric)")
     bar = _progress(len(distributed_.shard(len(examples))) if distributed else len(examples), progress,
                     f"{getattr(sweep, '__name__', 'sweep')} over {len(examples)} examples")
 
@@ -344,6 +379,9 @@ class _Runs:
                  source: Mapping[str, Any] | tuple[Tensor, Any] | None,
                  metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
                  target_hooks: Sequence[tuple[str, Callable]] = ()):
+        if not callable(metric):
+            raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
+                            "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
         self.model, self.metric, self.tower = model, metric, tower
         self.n_layers = model.tower_info(tower).n_layers
         self.target, self.target_hooks = dict(target), list(target_hooks)
@@ -377,7 +415,10 @@ class _Runs:
         if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
             source_logits, self.source = target_logits, self.target_cache
         examples = torch.arange(self.B, device=target_logits.device)
-        m_source, m_target = metric(source_logits, examples), metric(target_logits, examples)
+        m_source = metrics_.evaluate(metric, source_logits, examples, "the unpatched run")
+        m_target = metrics_.evaluate(metric, target_logits, examples, "the unpatched run")
+        metrics_.check_finite(m_source, "the unpatched source run's examples")
+        metrics_.check_finite(m_target, "the unpatched target run's examples")
         self.m_clean, self.m_corrupt = (m_source, m_target) if clean_is_source else (m_target, m_source)
         order = list(model.tower_names)
         self.given = {t: out for t, out in self.target_cache.tower_outputs.items()
@@ -400,7 +441,9 @@ class _Runs:
 
     def positions(self, positions: Sequence[int] | Tensor | None, leaf: str, dim: int = 1) -> Tensor:
         """Positions per example [B, P]; checks that source and target agree in length where positions align."""
-        name = next(n for n in self.source.keys() if n.endswith("." + leaf))
+        name = next((n for n in self.source.keys() if n.endswith("." + leaf)), None)
+        if name is None:
+            raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
         source_len, target_len = self.source[name].shape[dim], self.target_cache[name].shape[dim]
         if source_len != target_len:
             raise ValueError(
@@ -426,6 +469,8 @@ class _Runs:
         the target run's at every layer, so the resumed runs compute only the positions from `cut` on, with the
         target's keys and values for the rest, and take the target's logits there."""
         B = self.B
+        if normalize:  # before any cell runs: an example whose clean and corrupted metrics are equal has no scale
+            metrics_.check_normalizable(self.m_clean, self.m_corrupt)
         cut = cut if self.prefix_resumable else 0
         per_chunk = max(1, batch_size // B)  # variants per forward
         out = torch.full((self.n_layers, n_variants, B), float("nan"))
@@ -451,7 +496,13 @@ class _Runs:
                                                                         *((name, hook) for name in names)])
             if cut:  # the prefix's logits are the target run's
                 logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
-            values = self.metric(logits, example.to(logits.device)).float().view(n, B)
+            values = metrics_.evaluate(self.metric, logits, example.to(logits.device), "a patched run").float()
+            values = values.view(n, B)
+            if not torch.isfinite(values).all():  # reported, not averaged into a NaN with no word
+                warnings.warn(f"the metric is non-finite in {int((~torch.isfinite(values)).sum())} patched runs at "
+                              f"layer {layer} of {self.tower!r} (variants {start}..{start + n - 1}); those cells "
+                              "hold it: check the model's dtype (float16 overflows; try float32)", RuntimeWarning,
+                              stacklevel=4)
             if normalize:
                 values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
             out[layer, start:start + n] = values.cpu()
@@ -483,17 +534,47 @@ def _positions(positions: Sequence[int] | Tensor | None, B: int, length: int) ->
     """Positions per example [B, P] from None (all), a shared list, or a [B, P] tensor."""
     if positions is None:
         return torch.arange(length).expand(B, length)
-    pos = torch.as_tensor(positions, dtype=torch.long)
+    try:
+        pos = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError):
+        pos = None
+    if pos is not None and not pos.numel():
+        raise ValueError("positions is empty: pass at least one position (or None for every position)")
+    if pos is None or pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+        raise TypeError(f"positions={positions!r:.80} are not integer positions: pass a list of ints or a [B, P] "
+                        "integer tensor")
+    pos = pos.long()
     pos = pos.expand(B, -1) if pos.ndim == 1 else pos
     if pos.ndim != 2 or pos.shape[0] != B:
         raise ValueError(f"positions must be a list or a [batch={B}, P] tensor, got shape {tuple(pos.shape)}")
-    if pos.numel() and (pos.min() < -length or pos.max() >= length):
-        raise ValueError(f"positions {pos.tolist()} are out of range for {length} positions")
+    if pos.min() < -length or pos.max() >= length:
+        bad = pos[(pos < -length) | (pos >= length)][0]
+        raise ValueError(f"position {int(bad)} is out of range for {length} positions (valid: {-length}..{length - 1})")
     return pos % length
+
+
+def _require_leaf(model: HookedVLM, tower: str, leaf: str, what: str | None = None) -> None:
+    """Raise before any forward if no block of `tower` has the hook `leaf` (a cross-attention where there is none)."""
+    n_layers = model.tower_info(tower).n_layers  # raises for an unknown tower, naming the towers
+    if not any(f"{tower}.blocks.{i}.{leaf}" in model.hook_dict for i in range(n_layers)):
+        hint = (f"tower {tower!r} has no cross-attention" if "cross_attn" in leaf
+                else f"no layer of tower {tower!r} has a hook {leaf!r}")
+        raise ValueError(f"{what or leaf}: {hint}; choose a tower and hook it has (model.hook_names() lists them)")
+
+
+def _head_leaf(model: HookedVLM, tower: str, attention: str, activation: str) -> str:
+    if attention not in ("attn", "cross_attn"):
+        raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
+    leaf = f"{attention}.hook_{activation}"
+    _require_leaf(model, tower, leaf, f"attention={attention!r}")
+    return leaf
 
 
 def _check_inputs(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any]) -> None:
     for label, inputs in (("clean", clean), ("corrupt", corrupt)):
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"the {label} inputs are a {type(inputs).__name__}: pass the processor's output (a dict "
+                            "of tensors such as input_ids and pixel_values)")
         if "vision" in model.tower_names and inputs.get("pixel_values") is None:
             raise ValueError(f"the {label} inputs have no pixel_values, but this model needs an image: a sweep without "
                              "it would silently measure an image-blind model; pass the processor's full output")

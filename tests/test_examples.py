@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -27,3 +28,27 @@ def test_example_runs(name, figures, tmp_path, monkeypatch):
     for figure in figures:
         assert (tmp_path / figure).stat().st_size > 1000, figure
     sys.modules.pop(name, None)
+
+
+def test_vseam_ablates_no_heads_when_no_fit_example_is_answered_correctly(tmp_path, monkeypatch, capsys):
+    """With no correct answer there are no positive heads: the script says so instead of ablating arbitrary ones."""
+    from hooked_vlm import analysis
+
+    real = analysis.head_scores
+
+    def all_wrong(model, inputs, answer, **kw):
+        scores = real(model, inputs, answer, **kw)
+        scores.positive = torch.full_like(scores.positive, float("nan"))  # what no correct example gives
+        scores.correct = torch.zeros_like(scores.correct)
+        return scores
+
+    monkeypatch.setattr(analysis, "head_scores", all_wrong)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module("vseam")
+    try:
+        assert module.main(["--out", str(tmp_path), "--pairs", "2", "--device", "cpu"]) == 0
+    finally:
+        sys.modules.pop("vseam", None)
+    out = capsys.readouterr().out
+    assert "C5 skipped" in out and "positive heads none" in out
+    assert "zero" not in out  # no ablation row
