@@ -1,15 +1,20 @@
 """`hooked-vlm`: the analyses from the command line.
 
     hooked-vlm info  [--model M]
-    hooked-vlm convert SOURCE OUT_DIR [--dtype bfloat16]
+    hooked-vlm convert SOURCE OUT_DIR [--dtype bfloat16] [--overwrite]
     hooked-vlm patch [--model M] [--clean-image A --corrupt-image B | --corrupt-prompt Q'] [--prompt Q]
-                     [--answer X --wrong-answer Y] [--heads | --resid] [--tower T] [--attention cross_attn]
+                     [--answer X --wrong-answer Y] [--heads | --resid] [--tower T] [--attention attn|cross_attn]
     hooked-vlm trace [--model M] [--image A] [--prompt Q] [--tower T] [--kind resid] [--window 1] [--samples 1]
-    hooked-vlm lens  [--model M] [--image A] [--prompt Q] [--k 5]
+    hooked-vlm lens  [--model M] [--image A] [--prompt Q] [--tower T] [--k 5]
 
-`--model` is a hub id or local directory; without it, a tiny BLIP-VQA with random weights built offline (to try
-the commands; its numbers mean nothing). Without images, a synthetic minimal pair (a drawn shape that changes
-colour) is used. Results go to `--out` (PNG heatmap, JSON and CSV). Bad input exits with status 2 and one line.
+`--model` is a hub id or a local directory, or one of the tiny models built offline with RANDOM weights (to try the
+commands; their numbers mean nothing): tiny (BLIP-VQA), tiny-llava, tiny-instructblip, tiny-instructblip-t5.
+The question is wrapped in the family's prompt template (LLaVA-1.5: "USER: <image>\\n{question} ASSISTANT:").
+Without images, a synthetic minimal pair (a drawn shape that changes colour) is used. Results go to `--out` (PNG
+heatmap, JSON and CSV); JSON never holds NaN or Infinity (non-finite scores are written as null, with a warning).
+
+Every error, bad input or not, is one line on stderr and exit status 2; an unexpected one (a bug) says so and how
+to see its traceback: set HOOKED_VLM_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -17,65 +22,224 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 TINY = "tiny"
+DEBUG_ENV = "HOOKED_VLM_DEBUG"  # set to 1 to get the traceback of an error instead of its one line
+# Exceptions that report a problem with the input (the user's or a file's); anything else is a bug.
+USER_ERRORS = (ValueError, KeyError, TypeError, OSError)
 
 
 class CLIError(Exception):
     """A problem with the user's input: reported in one line, exit status 2."""
 
 
+@dataclass(frozen=True)
+class TinyModel:
+    description: str
+    build: Callable[[], tuple[Any, Any]]  # -> (HF model, processor)
+
+
+def _tiny(builder: str, *args: Any) -> Callable[[], tuple[Any, Any]]:
+    def build() -> tuple[Any, Any]:
+        from . import tiny
+
+        return getattr(tiny, builder)(*args, seed=0)
+
+    return build
+
+
+TINY_MODELS = {
+    "tiny": TinyModel("a tiny BLIP-VQA", _tiny("build_blip", "vqa")),
+    "tiny-llava": TinyModel("a tiny LLaVA-1.5 (CLIP + Llama)", _tiny("build_llava")),
+    "tiny-instructblip": TinyModel("a tiny InstructBLIP with a Llama LM", _tiny("build_instructblip", "llama")),
+    "tiny-instructblip-t5": TinyModel("a tiny InstructBLIP with a T5 LM", _tiny("build_instructblip", "t5")),
+}
+
+
+# ---------------------------------------------------------------------------------------------- checks, up front
+def _check_device(name: str) -> None:
+    """Refuse a device this machine does not have before anything is loaded."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device name; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name!r}: no CUDA GPU is available on this machine; pass --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); pass "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {name!r}: MPS is not available on this machine; pass --device cpu")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {name!r}: the command line runs on cpu, cuda or mps; pass one of them")
+
+
+def _check_out(out: Path) -> None:
+    """`--out` must be a folder we can create or write to: checked before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder; pass a folder path (it is created if missing)")
+    existing = out
+    while not existing.exists():  # the nearest existing ancestor, where the folder would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file; pass another folder")
+    try:  # a real write (os.access says yes to root even on a read-only filesystem)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CLIError(f"--out {str(out)!r} is not writable ({e.strerror} in {str(existing)!r}); pass a folder "
+                       "you can write to") from None
+
+
+def _check_model_name(name: str, option: str = "--model") -> None:
+    """A tiny model, an existing directory or something shaped like a hub id (owner/name); a missing local path is
+    named as such (rather than as an invalid repo id)."""
+    path = Path(name).expanduser()
+    if name in TINY_MODELS or path.is_dir():
+        return
+    if path.exists():
+        raise CLIError(f"{option} {name!r} is a file; pass a checkpoint folder, a hub id (owner/name) or one of "
+                       f"{', '.join(TINY_MODELS)}")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CLIError(f"{option} {name!r}: no such local directory, and it is not a hub id (owner/name); pass a "
+                       f"checkpoint folder, a hub id or one of {', '.join(TINY_MODELS)}")
+
+
+def _read_image(path: str, option: str):
+    """The image at `path` as RGB, or a one-line error naming the option and the file."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise CLIError(f"{option}: image file not found: {path!r}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CLIError(f"{option} {path!r} is not an image PIL can read ({type(e).__name__}); pass a PNG or JPEG "
+                       "file") from None
+
+
+# ---------------------------------------------------------------------------------------------- the model
 def _load_model(name: str, device: str):
     from .models.base import HookedVLM
 
-    if name == TINY:
-        from .tiny import build_blip
-
-        hf, processor = build_blip("vqa", seed=0)
+    if name in TINY_MODELS:
+        hf, processor = TINY_MODELS[name].build()
         return HookedVLM.from_hf(hf, processor=processor, device=device)
-    if not Path(name).exists() and name.count("/") != 1:
-        raise CLIError(f"--model {name!r} is neither a local directory nor a hub id (owner/name)")
     try:
-        return HookedVLM.from_pretrained(name, device=device)
-    except OSError as e:
-        raise CLIError(f"cannot load --model {name!r}: {str(e).splitlines()[0]}") from e
+        local = Path(name).expanduser()
+        return HookedVLM.from_pretrained(str(local) if local.is_dir() else name, device=device)
+    except Exception as e:
+        if Path(name).expanduser().is_dir():  # a broken or foreign folder: say which and what broke
+            raise CLIError(f"cannot load --model {name!r} ({type(e).__name__}: {_one_line(e)}); pass a complete HF or "
+                           "hooked_vlm checkpoint folder") from e
+        if isinstance(e, OSError):  # huggingface_hub's errors are OSErrors, with advice that does not apply here
+            raise CLIError(f"--model {name!r} is not in the local HF cache and could not be fetched from the hub (no "
+                           "network, or no such repo); check the id, connect to the network, or pass a local "
+                           "directory") from e
+        raise
 
 
-def _image(path: str | None):
-    from PIL import Image
+def _check_template(template: str | None) -> None:
+    """`--template` must hold {question} once and no other field (a template without it would drop the question)."""
+    if template is None:
+        return
+    try:
+        filled = template.format(question="\0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise CLIError(f"--template {template!r} is not a template with only {{question}} in braces ({_one_line(e)}); "
+                       "write literal braces as {{ and }}") from None
+    if filled.count("\0") != 1:
+        raise CLIError(f"--template {template!r} must contain {{question}} exactly once, where the question goes")
 
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise CLIError(f"image file not found: {path}")
-    return Image.open(path).convert("RGB")
+
+def _template(model, question: str, template: str | None) -> str:
+    """The question in the family's prompt template (or `--template`)."""
+    return (template if template is not None else model.prompt_template).format(question=question)
 
 
-def _token(tokenizer, word: str) -> int:
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise CLIError(f"{word!r} tokenizes to nothing; pass another answer")
-    return ids[0]
+def _answer(tokenizer, word: str, option: str) -> tuple[int, str]:
+    """The token an answer is measured by, and its piece (what the metadata names)."""
+    from .metrics import answer_token
+
+    try:
+        token = answer_token(tokenizer, word)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"{option}: {e}") from None
+    return token, tokenizer.convert_ids_to_tokens(token)
+
+
+def _has_cross_attn(model, tower: str) -> bool:
+    return any(model.tower_info(tower).has_cross_attn)
+
+
+def _tower(model, name: str | None, default: str) -> str:
+    """`--tower` (or the command's default), checked: it exists and has transformer blocks to sweep."""
+    tower = name or default
+    try:
+        model.tower_info(tower)
+    except (KeyError, ValueError) as e:
+        raise CLIError(f"--tower {tower!r}: {_one_line(e)}") from None
+    return tower
 
 
 def _to(inputs: Any, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
 
 
-def _write(out: Path, name: str, scores: torch.Tensor, meta: dict, xlabel: str, labels: list[str] | None) -> None:
+# ---------------------------------------------------------------------------------------------- output
+def _finite(values: Any) -> tuple[Any, int, int]:
+    """`values` (nested lists of floats) with every NaN/inf replaced by None, the count replaced and the total."""
+    if isinstance(values, list):
+        parts = [_finite(v) for v in values]
+        return [p[0] for p in parts], sum(p[1] for p in parts), sum(p[2] for p in parts)
+    if isinstance(values, float) and not math.isfinite(values):
+        return None, 1, 1
+    return values, 0, 1
+
+
+def _why_not_finite(model, tower: str, leaf: str, scores: Float[Tensor, "n_layers n_cells"],
+                    normalisation: Callable[[], str]) -> str:
+    """Why some of `scores` are NaN or inf: layers of `tower` without the hook `leaf` (nothing to patch there), and
+    for the other layers the normalisation (`normalisation()` says with which numbers)."""
+    absent = [layer for layer in range(scores.shape[0]) if f"{tower}.blocks.{layer}.{leaf}" not in model.hook_dict]
+    reasons = [f"layers {absent} of {tower!r} have no {leaf} to patch"] if absent else []
+    bad_layers = torch.nonzero(~torch.isfinite(scores).flatten(1).all(1)).flatten().tolist()
+    if set(bad_layers) - set(absent):
+        reasons.append(normalisation())
+    return "; ".join(reasons)
+
+
+def _write(out: Path, name: str, scores: Float[Tensor, "n_layers n_cells"], meta: dict, xlabel: str,
+           labels: list[str] | None, why_not_finite: Callable[[], str]) -> None:
+    """JSON, CSV and (with matplotlib) a PNG heatmap of `scores`. Non-finite scores become null in the JSON and
+    empty cells in the CSV, with a warning naming how many and `why_not_finite()`."""
+    values, n_bad, n_all = _finite(scores.tolist())
+    if n_bad:
+        print(f"hooked-vlm: warning: {n_bad} of {n_all} scores are not finite (NaN or inf) and are written as null: "
+              f"{why_not_finite()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    values = scores.tolist()
-    (out / f"{name}.json").write_text(json.dumps({**meta, "scores": values}, indent=1))
+    text = json.dumps({**meta, "scores": values}, indent=1, allow_nan=False)  # a NaN left anywhere raises
+    (out / f"{name}.json").write_text(text)
     with (out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["layer"] + (labels or [str(i) for i in range(scores.shape[1])]))
         for layer, row in enumerate(values):
-            writer.writerow([layer] + row)
+            writer.writerow([layer] + ["" if v is None else v for v in row])
     try:
         from . import plot
 
@@ -83,14 +247,22 @@ def _write(out: Path, name: str, scores: torch.Tensor, meta: dict, xlabel: str, 
                      xticklabels=labels)
     except ImportError:
         print("(matplotlib is not installed: wrote JSON and CSV, no PNG)", file=sys.stderr)
+        print(f"wrote {out / name}.{{json,csv}}")
+        return
     print(f"wrote {out / name}.{{json,csv,png}}")
 
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> None:
     model = _load_model(args.model, args.device)
+    if args.model in TINY_MODELS:
+        print(f"model: {args.model}, {TINY_MODELS[args.model].description} built offline with RANDOM weights "
+              "(seed 0): its outputs mean nothing; pass --model with a hub id or a folder for a real one")
+    else:
+        print(f"model: {args.model}")
     print(f"{type(model).__name__}: {len(model.hook_dict)} hook points, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    print(f"  prompt template: {model.prompt_template!r}")
     for name in model.tower_names:
         try:
             info = model.tower_info(name)
@@ -102,45 +274,87 @@ def cmd_info(args: argparse.Namespace) -> None:
               + (f", cross-attention in {cross} layers" if cross else ""))
 
 
-def _pair(args: argparse.Namespace, model) -> tuple[dict, dict, str, str]:
-    from . import corruption
-
-    processor = model.processor
-    if args.corrupt_prompt:
-        if not args.prompt:
+def _check_patch_args(args: argparse.Namespace) -> None:
+    """What can be checked without the model: the pairing of the options, and the image files (read here: the
+    paths in `args` are replaced by the images)."""
+    if args.corrupt_prompt is not None:
+        if args.prompt is None:
             raise CLIError("--corrupt-prompt needs --prompt, the clean text it corrupts")
-        image = _image(args.clean_image) or corruption.synthetic_pairs(1, "color", seed=args.seed)[0].clean_image
-        clean = processor(images=image, text=args.prompt, return_tensors="pt")
-        corrupt = processor(images=image, text=args.corrupt_prompt, return_tensors="pt")
-        if clean["input_ids"].shape != corrupt["input_ids"].shape:
-            raise CLIError(f"--prompt and --corrupt-prompt tokenize to {clean['input_ids'].shape[-1]} and "
-                           f"{corrupt['input_ids'].shape[-1]} tokens; swap words of equal token length")
-        return clean, corrupt, args.answer or "yes", args.wrong_answer or "no"
-    if bool(args.clean_image) != bool(args.corrupt_image):
+        if args.corrupt_prompt == args.prompt:
+            raise CLIError("--corrupt-prompt equals --prompt: nothing differs to patch; change a word of it")
+        if args.corrupt_image is not None:
+            raise CLIError("--corrupt-prompt corrupts the text of one image: pass --clean-image (or no image), not "
+                           "--corrupt-image")
+        if args.clean_image is not None:
+            args.clean_image = _read_image(args.clean_image, "--clean-image")
+        return
+    if (args.clean_image is None) != (args.corrupt_image is None):
         raise CLIError("give both --clean-image and --corrupt-image, or neither (a synthetic pair)")
-    if args.clean_image:
-        clean_image, corrupt_image = _image(args.clean_image), _image(args.corrupt_image)
-        if not (args.answer and args.wrong_answer and args.prompt):
+    if args.clean_image is not None:
+        if args.prompt is None or args.answer is None or args.wrong_answer is None:
             raise CLIError("with your own images, give --prompt, --answer and --wrong-answer (the two images' answers)")
-        answer, wrong = args.answer, args.wrong_answer
+        args.clean_image = _read_image(args.clean_image, "--clean-image")
+        args.corrupt_image = _read_image(args.corrupt_image, "--corrupt-image")
+
+
+def _synthetic_pair(tokenizer, seed: int):
+    """The first of the seed's synthetic colour pairs whose two answers this tokenizer can tell apart (a tiny
+    vocabulary lacks some colours; a real one has them all, so the first pair is taken)."""
+    from . import corruption
+    from .metrics import answer_token
+
+    pairs = corruption.synthetic_pairs(16, "color", seed=seed)
+    for pair in pairs:
+        try:
+            if answer_token(tokenizer, pair.answer) != answer_token(tokenizer, pair.wrong_answer):
+                return pair
+        except ValueError:
+            continue
+    return pairs[0]  # none: the answers' own check then says what is wrong
+
+
+def _pair(args: argparse.Namespace, model) -> tuple[dict, dict, str, str]:
+    """The clean and corrupted inputs and the two answers."""
+    processor = model.processor
+    pair = _synthetic_pair(processor.tokenizer, args.seed)
+    if args.corrupt_prompt is not None:
+        image = args.clean_image or pair.clean_image
+        clean_text, corrupt_text = args.prompt, args.corrupt_prompt
+        clean_image = corrupt_image = image
+        answer, wrong = ("yes", "no")
     else:
-        pair = corruption.synthetic_pairs(1, "color", seed=args.seed)[0]
-        clean_image, corrupt_image, answer, wrong = pair.clean_image, pair.corrupt_image, pair.answer, pair.wrong_answer
-        args.prompt = args.prompt or pair.prompt
-    clean = processor(images=clean_image, text=args.prompt, return_tensors="pt")
-    corrupt = processor(images=corrupt_image, text=args.prompt, return_tensors="pt")
+        clean_image, corrupt_image = args.clean_image or pair.clean_image, args.corrupt_image or pair.corrupt_image
+        clean_text = corrupt_text = args.prompt if args.prompt is not None else pair.prompt
+        answer, wrong = (pair.answer, pair.wrong_answer) if args.clean_image is None else (None, None)
+    answer = args.answer if args.answer is not None else answer
+    wrong = args.wrong_answer if args.wrong_answer is not None else wrong
+    clean = processor(images=clean_image, text=_template(model, clean_text, args.template), return_tensors="pt")
+    corrupt = processor(images=corrupt_image, text=_template(model, corrupt_text, args.template), return_tensors="pt")
+    for key, value in clean.items():  # a sweep pairs the runs position by position
+        if isinstance(value, torch.Tensor) and value.shape != corrupt[key].shape:
+            raise CLIError(f"--prompt and --corrupt-prompt give {key} of {value.shape[-1]} and "
+                           f"{corrupt[key].shape[-1]} tokens; swap words of equal token length")
     return clean, corrupt, answer, wrong
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
     from . import metrics, patching
 
+    _check_patch_args(args)
     model = _load_model(args.model, args.device)
+    tower = _tower(model, args.tower, model.prompt_tower)
+    attention = args.attention or ("cross_attn" if _has_cross_attn(model, tower) else "attn")
+    if attention == "cross_attn" and not _has_cross_attn(model, tower):
+        raise CLIError(f"--attention cross_attn: tower {tower!r} of {type(model).__name__} has no cross-attention; "
+                       "pass --attention attn")
     clean, corrupt, answer, wrong = _pair(args, model)
-    clean, corrupt = _to(clean, args.device), _to(corrupt, args.device)
     tok = model.processor.tokenizer
-    metric = metrics.logit_diff(_token(tok, answer), _token(tok, wrong))
-    tower = args.tower or model.prompt_tower
+    (good_id, good_piece), (bad_id, bad_piece) = _answer(tok, answer, "--answer"), _answer(tok, wrong, "--wrong-answer")
+    if good_id == bad_id:
+        raise CLIError(f"--answer {answer!r} and --wrong-answer {wrong!r} are both measured by the token "
+                       f"{good_piece!r}: their logit difference is always 0; pass answers whose first tokens differ")
+    clean, corrupt = _to(clean, args.device), _to(corrupt, args.device)
+    metric = metrics.logit_diff(good_id, bad_id)
     common = dict(tower=tower, normalize=True, batch_size=args.batch_size, progress=True)
     if args.resid:
         scores = patching.patch_resid(model, clean, corrupt, metric, hook=args.hook, **common)
@@ -148,34 +362,56 @@ def cmd_patch(args: argparse.Namespace) -> None:
         if len(labels) != scores.shape[1]:
             labels = None
     else:
-        scores = patching.patch_heads(model, clean, corrupt, metric, attention=args.attention, **common)
+        scores = patching.patch_heads(model, clean, corrupt, metric, attention=attention, **common)
         labels, xlabel = None, "head"
-    kind = f"{args.hook} per position" if args.resid else f"{args.attention} heads"
-    meta = {"model": args.model, "tower": tower, "kind": kind, "answer": answer, "wrong_answer": wrong,
-            "metric": "normalised logit difference", "title": f"{tower} {kind}: patched clean into corrupted"}
-    _write(args.out, "patch", scores, meta, xlabel, labels)
+
+    def normalisation() -> str:
+        with torch.no_grad():
+            m_clean, m_corrupt = (float(metric(model(**x), torch.zeros(1, dtype=torch.long))) for x in (clean, corrupt))
+        return (f"each score is divided by metric(clean) - metric(corrupted) = {m_clean:.4g} - {m_corrupt:.4g}, which "
+                "is 0 (or not finite) here; pick a pair the model answers differently")
+
+    leaf = f"hook_{args.hook}" if args.resid else f"{attention}.hook_z"
+
+    kind = f"{args.hook} per position" if args.resid else f"{attention} heads"
+    meta = {"model": args.model, "tower": tower, "kind": kind, "answer": answer, "answer_token": good_piece,
+            "answer_token_id": good_id, "wrong_answer": wrong, "wrong_answer_token": bad_piece,
+            "wrong_answer_token_id": bad_id, "metric": "normalised logit difference",
+            "title": f"{tower} {kind}: patched clean into corrupted"}
+    _write(args.out, "patch", scores, meta, xlabel, labels,
+           lambda: _why_not_finite(model, tower, leaf, scores, normalisation))
 
 
 def _single_input(args: argparse.Namespace, model) -> dict:
     from . import corruption
 
-    image = _image(args.image)
+    image, prompt = args.image, args.prompt
     if image is None:
         pair = corruption.synthetic_pairs(1, "color", seed=args.seed)[0]
-        image, args.prompt = pair.clean_image, args.prompt or pair.prompt
-    if not args.prompt:
-        raise CLIError("give --prompt (the question about --image)")
-    return _to(model.processor(images=image, text=args.prompt, return_tensors="pt"), args.device)
+        image, prompt = pair.clean_image, prompt if prompt is not None else pair.prompt
+    text = _template(model, prompt, args.template)
+    return _to(model.processor(images=image, text=text, return_tensors="pt"), args.device)
+
+
+def _check_single_args(args: argparse.Namespace) -> None:
+    if args.image is not None:
+        if args.prompt is None:
+            raise CLIError("with --image, give --prompt (the question about it)")
+        args.image = _read_image(args.image, "--image")
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
     from . import patching
 
+    _check_single_args(args)
     model = _load_model(args.model, args.device)
+    tower = _tower(model, args.tower, model.prompt_tower)
+    if args.kind == "cross_attn" and not _has_cross_attn(model, tower):
+        raise CLIError(f"--kind cross_attn: tower {tower!r} of {type(model).__name__} has no cross-attention; pass "
+                       "--kind resid, attn or mlp")
     inputs = _single_input(args, model)
     with torch.no_grad():
         target = model(**inputs)[:, -1].argmax(-1)
-    tower = args.tower or model.prompt_tower
     scores = patching.causal_trace(model, inputs, target, tower=tower, kind=args.kind, window=args.window,
                                    noise=args.noise, samples=args.samples, seed=args.seed, normalize=True,
                                    batch_size=args.batch_size)
@@ -183,20 +419,34 @@ def cmd_trace(args: argparse.Namespace) -> None:
     labels = tok.convert_ids_to_tokens(inputs["input_ids"][0]) if tower == model.prompt_tower else None
     if labels is not None and len(labels) != scores.shape[1]:
         labels = None
+
+    def normalisation() -> str:
+        return ("each score is divided by P(target | clean) - P(target | noised image), which is 0 (or not finite) "
+                "when the noise does not change the prediction; raise --noise")
+
     meta = {"model": args.model, "tower": tower, "kind": args.kind, "window": args.window, "noise": args.noise,
             "samples": args.samples, "seed": args.seed, "target": tok.convert_ids_to_tokens(target.tolist()),
             "title": f"causal trace of {tower} ({args.kind}, window {args.window}), normalised"}
-    _write(args.out, "trace", scores, meta, "position", labels)
+    _write(args.out, "trace", scores, meta, "position", labels,
+           lambda: _why_not_finite(model, tower, patching.TRACE_KINDS[args.kind], scores, normalisation))
 
 
 def cmd_lens(args: argparse.Namespace) -> None:
     from . import analysis
 
+    _check_single_args(args)
     model = _load_model(args.model, args.device)
-    if not model.output_tower:
+    if not model.output_tower and args.tower is None:
         raise CLIError(f"{type(model).__name__} has no token-predicting tower for a logit lens")
-    lens = analysis.logit_lens(model, _single_input(args, model), tower=model.output_tower, k=args.k)
-    print(f"logit lens of {model.output_tower}, last position, top {args.k} per layer:")
+    tower = _tower(model, args.tower, model.output_tower)
+    unembed = getattr(model.tower(tower), "unembed", None)
+    if unembed is None:
+        raise CLIError(f"--tower {tower!r} predicts no tokens; the logit lens reads {model.output_tower!r}")
+    vocab = unembed.weight.shape[0]
+    if args.k > vocab:
+        raise CLIError(f"--k {args.k} is more than the {vocab} tokens of the vocabulary; pass at most {vocab}")
+    lens = analysis.logit_lens(model, _single_input(args, model), tower=tower, k=args.k)
+    print(f"logit lens of {tower}, last position, top {args.k} per layer:")
     for layer, per_example in enumerate(lens.tokens):
         row = per_example[0][-1]
         probs = lens.probs[layer, 0, -1].tolist()
@@ -204,71 +454,166 @@ def cmd_lens(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from weights_conversion.__main__ import main as convert
+    from weights_conversion.__main__ import DTYPES, convert
 
-    argv = [args.source, args.out_dir] + (["--dtype", args.dtype] if args.dtype else []) + (
-        ["--overwrite"] if args.overwrite else [])
-    if convert(argv) != 0:
-        raise CLIError(f"could not convert {args.source!r} (see the message above)")
+    _check_model_name(args.source, "source")
+    out = convert(args.source, args.out_dir, dtype=DTYPES[args.dtype] if args.dtype else None,
+                  overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of safetensors)")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+class _UsageError(Exception):
+    """argparse's complaint, reported in one line like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the usage and the message on two lines; we print one
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the default of every option that has one (options without one say in their help what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _number(kind: type, minimum: float = 0, above: bool = True) -> Callable[[str], Any]:
+    """An argparse type: a finite number of `kind` (int or float) above `minimum` (or at least it)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'above' if above else 'at least'} "
+                                             f"{minimum}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {'above' if above else 'at least'} {minimum}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hooked-vlm", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="hooked-vlm", description=__doc__.split("\n\n")[0], formatter_class=_Help,
+                     epilog=f"Errors are one line with exit status 2; set {DEBUG_ENV}=1 for a traceback.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
         p.set_defaults(fn=fn)
-        p.add_argument("--model", default=TINY, help="hub id or local directory (default: a tiny random BLIP-VQA)")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--model", default=TINY, help="hub id, local directory, or a tiny model with random weights: "
+                                                     + ", ".join(TINY_MODELS))
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda or cuda:N")
         return p
 
     add("info", cmd_info, "towers, layers, heads and hook count of a model")
-    convert = sub.add_parser("convert", help="an HF checkpoint -> hooked_vlm's own format (safetensors)")
+    convert = sub.add_parser("convert", help="an HF checkpoint -> hooked_vlm's own format (safetensors)",
+                             formatter_class=_Help)
     convert.set_defaults(fn=cmd_convert)
     convert.add_argument("source", help="hub id or local HF directory")
-    convert.add_argument("out_dir")
-    convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("out_dir", help="the folder to write")
+    convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                         help="store the weights in this dtype (default: the checkpoint's own)")
+    convert.add_argument("--overwrite", action="store_true", help="replace out_dir if it is a hooked_vlm checkpoint")
     for name, fn, help in (("patch", cmd_patch, "head or residual patching on an image pair or a text pair"),
                            ("trace", cmd_trace, "causal tracing with noised image embeddings"),
                            ("lens", cmd_lens, "logit lens table")):
         p = add(name, fn, help)
-        p.add_argument("--prompt", default=None, help="the question")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", type=Path, default=Path("hooked_vlm_out"))
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--tower", default=None, help="the tower to sweep (default: the one reading the prompt)")
+        p.add_argument("--prompt", default=None,
+                       help="the question (default: the synthetic pair's 'what color is the shape?')")
+        p.add_argument("--template", default=None,
+                       help="the prompt around the question, with {question} (default: the family's own, e.g. "
+                            "LLaVA-1.5's 'USER: <image>\\n{question} ASSISTANT:'; '{question}' for none)")
+        p.add_argument("--seed", type=_number(int, 0, above=False), default=0,
+                       help="seed of the synthetic pair" + (" and of the noise" if name == "trace" else ""))
+        if name != "lens":
+            p.add_argument("--out", type=Path, default=Path("hooked_vlm_out"),
+                           help="the folder for the PNG, JSON and CSV (created if missing)")
+            p.add_argument("--batch-size", type=_number(int), default=64, help="variants per forward pass")
+        towers = {"patch": "the one reading the prompt", "trace": "the one reading the prompt",
+                  "lens": "the one predicting tokens"}
+        p.add_argument("--tower", default=None, help=f"the tower to {'read' if name == 'lens' else 'sweep'} "
+                                                     f"(default: {towers[name]})")
         if name == "patch":
-            p.add_argument("--clean-image")
-            p.add_argument("--corrupt-image")
+            p.add_argument("--clean-image", help="the clean image file (default: a synthetic pair)")
+            p.add_argument("--corrupt-image", help="the corrupted image file (default: a synthetic pair)")
             p.add_argument("--corrupt-prompt", help="a text corruption of --prompt (equal token count)")
-            p.add_argument("--answer")
-            p.add_argument("--wrong-answer")
+            p.add_argument("--answer", help="the clean answer (default: the synthetic pair's, or 'yes' with "
+                                            "--corrupt-prompt); measured by its first token")
+            p.add_argument("--wrong-answer", help="the corrupted answer (default: the synthetic pair's, or 'no' with "
+                                                  "--corrupt-prompt)")
             what = p.add_mutually_exclusive_group()
-            what.add_argument("--heads", action="store_true", help="patch heads (default)")
+            what.add_argument("--heads", action="store_true", help="patch heads (the default)")
             what.add_argument("--resid", action="store_true", help="patch one position of a stream at a time")
             p.add_argument("--hook", default="resid_post", help="with --resid: the stream hook")
-            p.add_argument("--attention", default="cross_attn", choices=["attn", "cross_attn"])
+            p.add_argument("--attention", default=None, choices=["attn", "cross_attn"],
+                           help="with --heads: which attention (default: cross_attn where the tower has it, else attn)")
         else:
-            p.add_argument("--image")
+            p.add_argument("--image", help="the image file (default: a synthetic scene, with its question)")
         if name == "trace":
-            p.add_argument("--kind", default="resid", choices=["resid", "attn", "mlp", "cross_attn"])
-            p.add_argument("--window", type=int, default=1)
-            p.add_argument("--noise", type=float, default=3.0)
-            p.add_argument("--samples", type=int, default=1)
+            p.add_argument("--kind", default="resid", choices=["resid", "attn", "mlp", "cross_attn"],
+                           help="what each cell restores (cross_attn only on towers with cross-attention)")
+            p.add_argument("--window", type=_number(int), default=1, help="layers restored together per cell")
+            p.add_argument("--noise", type=_number(float), default=3.0,
+                           help="noise scale, in standard deviations of the image embeddings")
+            p.add_argument("--samples", type=_number(int), default=1, help="noise samples averaged")
         if name == "lens":
-            p.add_argument("--k", type=int, default=5)
+            p.add_argument("--k", type=_number(int), default=5, help="top tokens shown per layer")
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without its quotes)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return " ".join(str(message).split()) or type(error).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hooked-vlm: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    command = "hooked-vlm"
     try:
-        args.fn(args)
-    except (CLIError, ValueError, KeyError, FileNotFoundError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"hooked-vlm {args.command}: error: {message}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+        command = f"hooked-vlm {args.command}"
+        # what needs no model is checked before any is loaded (`convert` has none of these options)
+        if hasattr(args, "model"):
+            _check_device(args.device)
+            _check_model_name(args.model)
+        if hasattr(args, "out"):
+            _check_out(args.out)
+        if hasattr(args, "template"):
+            _check_template(args.template)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each, restored on exit
+            args.fn(args)
+    except _UsageError as e:
+        if debug:
+            raise
+        print(e, file=sys.stderr)
+        return 2
+    except (CLIError, *USER_ERRORS) as e:
+        if debug:
+            raise
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line, and how to see where it comes from
+        if debug:
+            raise
+        print(f"{command}: internal error (a bug, please report it): {type(e).__name__}: {_one_line(e)}; set "
+              f"{DEBUG_ENV}=1 for the traceback", file=sys.stderr)
         return 2
     return 0
 
