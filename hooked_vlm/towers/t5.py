@@ -119,6 +119,7 @@ class T5Stack(Tower):
         if self.given_output is not None:
             return self.given_output
         start = past.length if past is not None else 0
+        self.position_offset = start  # decoder while generating: the positions already cached (encoder: 0)
         first, x = self.start()
         if x is None:
             x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
