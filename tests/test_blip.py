@@ -239,15 +239,46 @@ def _decoder_prompt(kind, model, inputs):
             "attention_mask": inputs["attention_mask"][:, :-1]}
 
 
-def test_half_precision_runs(blip):
-    kind, hf, model, inputs = blip
-    half = HookedVLM.from_hf(hf, dtype=torch.bfloat16)
+# Largest |half - HF float32| over the real logits, measured for build_blip seeds 3..7 (the fixture's is 3) with
+# these inputs: bfloat16 caption 0.030-0.038, vqa 0.018-0.028, itm 0.006-0.020; float16 caption 0.0036-0.0047,
+# vqa 0.0026-0.0041, itm 0.0007-0.0011. Each tolerance is 1.5x the largest of its five. Scaling the last MLP of the
+# tower that makes the logits by 0.9 moves them by 0.08-0.24 (caption, vqa) and 0.026-0.065 (itm); at seed 3 by
+# 0.14 / 0.10 / 0.040 at least, which test_half_precision_tolerance_catches_a_scaled_mlp checks fails these.
+HALF_ATOL = {
+    ("caption", torch.bfloat16): 0.057, ("vqa", torch.bfloat16): 0.043, ("itm", torch.bfloat16): 0.030,
+    ("caption", torch.float16): 0.0071, ("vqa", torch.float16): 0.0062, ("itm", torch.float16): 0.0017,
+}
+LOGIT_TOWER = {"caption": "text_decoder", "vqa": "text_decoder", "itm": "text_encoder"}
+
+
+def _half_error(kind, hf, half, inputs, dtype):
     with torch.no_grad():
         out = half(**inputs)
     ref = hf_logits(kind, hf, inputs)
     keep = real_positions(kind, inputs, ref)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert (out.float()[keep] - ref[keep]).abs().max() < 0.25
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    return (out.float()[keep] - ref[keep]).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs(blip, dtype):
+    kind, hf, model, inputs = blip
+    half = HookedVLM.from_hf(hf, dtype=dtype)
+    assert _half_error(kind, hf, half, inputs, dtype) < HALF_ATOL[kind, dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tolerance_catches_a_scaled_mlp(blip, dtype):
+    """A planted bug (the last MLP of the tower that makes the logits scaled by 0.9, on a copy of the half model)
+    must fail the tolerance test_half_precision_runs uses."""
+    kind, hf, model, inputs = blip
+    planted = HookedVLM.from_hf(hf, dtype=dtype)
+    mlp = planted.tower(LOGIT_TOWER[kind]).blocks[-1].mlp
+    with torch.no_grad():
+        mlp.out_weight.mul_(0.9)
+        if mlp.out_bias is not None:
+            mlp.out_bias.mul_(0.9)
+    assert _half_error(kind, hf, planted, inputs, dtype) > HALF_ATOL[kind, dtype]
 
 
 @pytest.mark.parametrize("kind,cfg", [

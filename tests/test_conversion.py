@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from hooked_vlm import HookedVLM, shards
 from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, random_image
+from weights_conversion import CONVERTERS, converter_for
 from weights_conversion.checkpoint import NoSafetensors
 from weights_conversion.streaming import convert_checkpoint
 
@@ -29,6 +30,46 @@ def build(name):
         hf, processor = build_instructblip(kind, seed=2)
         text = ["what is in the picture?", "describe this"]
     return hf, processor, processor(images=IMAGES, text=text, padding=True, return_tensors="pt")
+
+
+# The tiny builds of each registered HF class (names from FAMILIES). A class registered in weights_conversion
+# without an entry here fails test_every_registered_converter below, naming it: add a tiny builder for it.
+TINY_BUILDS = {
+    "BlipForConditionalGeneration": ["blip-caption"],
+    "BlipForQuestionAnswering": ["blip-vqa"],
+    "BlipForImageTextRetrieval": ["blip-itm"],
+    "LlavaForConditionalGeneration": ["llava"],
+    "InstructBlipForConditionalGeneration": ["instructblip-llama", "instructblip-t5"],
+}
+
+
+@pytest.mark.parametrize("hf_class", sorted(CONVERTERS))
+def test_every_registered_converter(hf_class):
+    """Parametrised over the registry, so that registering an architecture tests it: each tiny build of the class
+    converts through its converter, every hooked tensor comes from the plan (none left at its initial value), the
+    hooked model runs, and HF -> hooked -> HF gives back every HF tensor bit for bit."""
+    if hf_class not in TINY_BUILDS:
+        pytest.fail(f"{hf_class} is registered in weights_conversion but has no tiny builder in TINY_BUILDS "
+                    "(tests/test_conversion.py): add one so that its conversion is tested")
+    for name in TINY_BUILDS[hf_class]:
+        hf, processor, inputs = build(name)
+        assert type(hf).__name__ == hf_class, name
+        converter = converter_for(hf)
+        assert converter is CONVERTERS[hf_class]
+        model = HookedVLM.from_hf(hf, processor=processor)
+        assert isinstance(model, converter.model_class), name
+        hf_state = hf.state_dict()
+        converted = converter.convert(hf_state, model.cfg)
+        hooked = model.state_dict()
+        assert converted.keys() == hooked.keys(), name
+        for k, v in hooked.items():
+            assert torch.equal(converted[k], v), (name, k)
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs)).all(), name
+        exported = model.hf_state_dict()
+        assert exported.keys() == hf_state.keys(), name
+        for k, v in hf_state.items():
+            assert torch.equal(exported[k], v), (name, k)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -3,7 +3,7 @@ randomised in the test: logits, every tower's stream and attention maps, generat
 
 from __future__ import annotations
 
-import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +13,8 @@ from hooked_vlm.tiny import build_instructblip, random_image
 
 IMAGES = [random_image((40, 30), seed=0), random_image((50, 50), seed=1)]
 PROMPTS = ["what is in the picture of the street?", "a cat"]  # different lengths: padding in both tokenizers
-HAS_LLAMA = importlib.util.find_spec("hooked_vlm.towers.llama") is not None
-needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="hooked_vlm/towers/llama.py (the Llama tower) is not there yet")
-LMS = ["t5", pytest.param("llama", marks=needs_llama)]
+GOLDEN = Path(__file__).parent / "golden"
+LMS = ["t5", "llama"]  # both towers are required: a missing one fails the tests, it is not skipped
 
 
 def _build(lm, cross_freq=2, seed=3, **kw):
@@ -304,7 +303,6 @@ def test_positions_mark_the_queries(ib):
         assert torch.equal(qf.text[b], torch.arange(nq, nq + real_text))
 
 
-@needs_llama
 def test_llama_batched_equals_unbatched_by_default():
     hf, model, inputs = _build("llama")
     assert inputs["attention_mask"][1].eq(0).any()  # row 1 is padded, between the queries and the text
@@ -315,7 +313,6 @@ def test_llama_batched_equals_unbatched_by_default():
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
-@needs_llama
 def test_llama_hf_positions_switch_reproduces_hf_forward():
     hf, _, inputs = _build("llama")
     model = HookedVLM.from_hf(hf, hf_positions=True)
@@ -352,6 +349,13 @@ def test_bad_inputs_raise_clear_errors(ib):
         call(pixel_values=inputs["pixel_values"][:1])
     with pytest.raises(ValueError, match="expected \\[batch, 3, 32, 32\\]"):
         call(pixel_values=torch.zeros(2, 3, 48, 48))
+
+
+def test_hook_names_are_pinned(ib):
+    """The ordered list of hook names is a public API: a change must be deliberate (update tests/golden); with the
+    test below, the pinned order is the execution order."""
+    lm, hf, model, inputs = ib
+    assert list(model.hook_dict) == (GOLDEN / f"instructblip_{lm}_hook_names.txt").read_text().split()
 
 
 def test_every_hook_fires_once_in_registration_order(ib):

@@ -210,16 +210,40 @@ def test_generate_matches_hf(llava, with_hook):
     assert not model.hook_dict[name].has_hooks
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(llava, dtype):
-    hf, model, inputs = llava
-    half = HookedVLM.from_hf(hf, dtype=dtype)
+# Largest |half - HF float32| over the real logits, measured for build_llava seeds 5..7 (the fixture's is 5) in the
+# four CONFIGS with these inputs: bfloat16 0.044-0.072, float16 0.0046-0.0086. Each tolerance is 1.5x the largest of
+# the twelve. Scaling the LM's last MLP by 0.9 moves the logits by 0.13-0.22 (0.13 at least at seed 5), which
+# test_half_precision_tolerance_catches_a_scaled_mlp checks fails these.
+HALF_ATOL = {torch.bfloat16: 0.11, torch.float16: 0.013}
+
+
+def _half_error(hf, half, inputs, dtype):
     with torch.no_grad():
         out = half(**{**inputs, "pixel_values": inputs["pixel_values"].to(dtype)})
         ref = hf(**inputs, position_ids=mask_positions(inputs)).logits
     keep = inputs["attention_mask"].bool()
     assert out.dtype == dtype and torch.isfinite(out[keep]).all()
-    assert (out.float()[keep] - ref[keep]).abs().max() < 0.1
+    return (out.float()[keep] - ref[keep]).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(llava, dtype):
+    hf, model, inputs = llava
+    assert _half_error(hf, HookedVLM.from_hf(hf, dtype=dtype), inputs, dtype) < HALF_ATOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tolerance_catches_a_scaled_mlp(llava, dtype):
+    """A planted bug (the LM's last MLP scaled by 0.9, on a copy of the half model) must fail the tolerance
+    test_half_precision uses."""
+    hf, model, inputs = llava
+    planted = HookedVLM.from_hf(hf, dtype=dtype)
+    mlp = planted.lm.blocks[-1].mlp
+    with torch.no_grad():
+        mlp.out_weight.mul_(0.9)
+        if mlp.out_bias is not None:
+            mlp.out_bias.mul_(0.9)
+    assert _half_error(hf, planted, inputs, dtype) > HALF_ATOL[dtype]
 
 
 def test_bad_inputs(llava):
