@@ -132,7 +132,7 @@ def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str,
         raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's hook_resid_post of {tower!r}")
     stream = torch.stack([cache[n] for n in names])  # [L, B, T, D]
     B, T = stream.shape[1:3]
-    pos = patching._positions(positions, B, T)  # checked: non-empty, in range, one row per example
+    pos = patching.example_positions(positions, B, T)  # checked: non-empty, in range, one row per example
     picked = stream[:, torch.arange(B)[:, None], pos.to(stream.device)]  # [L, B, P, D]
     probs = head.logits(picked.flatten(1, 2)).float().softmax(-1).view(*picked.shape[:3], -1)
     top = probs.topk(k, dim=-1)
@@ -188,14 +188,14 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any], answer: metrics.Tok
     split by whether the unablated model answers correctly. Fit on one split and evaluate the resulting
     interventions (`rescaling_hooks`) on another."""
     metric = metrics.prob(answer, position)
-    patching._head_leaf(model, tower, attention, "z")  # the tower and attention exist: checked before any forward
+    patching.head_leaf(model, tower, attention, "z")  # the tower and attention exist: checked before any forward
     with torch.no_grad():
         logits = model(**inputs)
     examples = torch.arange(logits.shape[0], device=logits.device)
     base = metrics.evaluate(metric, logits, examples, "head_scores").float().cpu()  # [B]
     metrics.check_finite(base, "the unablated run's examples")
-    predicted = metrics._select(logits, position, examples).argmax(-1)
-    correct = (predicted == metrics._per_row(answer, examples)).cpu()
+    predicted = metrics.logits_at(logits, position, examples).argmax(-1)
+    correct = (predicted == metrics.per_row(answer, examples, "answer")).cpu()
     ablated = patching.ablation_sweep(model, inputs, metric, tower=tower, attention=attention,
                                       mode="mean_of_others", batch_size=batch_size, progress=progress)  # [L, H, B]
     drop = base - ablated

@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -313,7 +314,7 @@ def _synthetic_pair(tokenizer, seed: int):
     return pairs[0]  # none: the answers' own check then says what is wrong
 
 
-def _pair(args: argparse.Namespace, model) -> tuple[dict, dict, str, str]:
+def _pair(args: argparse.Namespace, model) -> tuple[Mapping, Mapping, str, str]:  # processor BatchFeatures
     """The clean and corrupted inputs and the two answers."""
     processor = model.processor
     pair = _synthetic_pair(processor.tokenizer, args.seed)

@@ -64,10 +64,15 @@ def _ids(value: TokenIds | Position, what: str) -> TokenIds | Position:
     return value
 
 
-def _per_row(value: TokenIds | Position, examples: Int[Tensor, "N"], what: str = "value", size: int | None = None
-             ) -> Int[Tensor, "N"]:
-    """An int for every example, or one per example (indexed by `examples`), in range(-size, size) if `size`."""
+@strict
+def per_row(value: TokenIds | Position, examples: Int[Tensor, "N"], what: str = "value", size: int | None = None
+            ) -> Int[Tensor, "N"]:
+    """`value` for each row of a stacked batch: an int (the same for every example) or one int per example,
+    looked up by `examples` (row -> example, as a metric receives it). With `size`, each must lie in
+    range(-size, size). For writing metrics with per-example token ids or positions."""
     t = torch.as_tensor(value, device=examples.device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what}={value!r:.80} is not an int or one int per example ({t.dtype})")
     if t.ndim == 0:
         t = t.expand(examples.shape[0])
     else:
@@ -84,19 +89,21 @@ def _per_row(value: TokenIds | Position, examples: Int[Tensor, "N"], what: str =
     return t
 
 
-def _select(logits: Tensor, position: Position, examples: Tensor) -> Float[Tensor, "N V"]:
-    """The logits at the given position of every row ([N, V] logits have no position: taken as they are)."""
+@strict
+def logits_at(logits: Float[Tensor, "N *T V"], position: Position, examples: Int[Tensor, "N"]) -> Float[Tensor, "N V"]:
+    """The logits of every row at `position` (an int, or one per example: see `per_row`; -1 is the last).
+    [N, V] logits have no position and are returned as they are."""
     if logits.ndim == 2:
         return logits
     if logits.ndim != 3:
         raise ValueError(f"logits must be [N, T, V] or [N, V], got shape {tuple(logits.shape)}")
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, _per_row(position, examples, "position", logits.shape[1])]
+    return logits[rows, per_row(position, examples, "position", logits.shape[1])]
 
 
 def _token_logits(at: Tensor, token: TokenIds, examples: Tensor, what: str) -> Float[Tensor, "N"]:
     rows = torch.arange(at.shape[0], device=at.device)
-    ids = _per_row(token, examples, what, at.shape[-1])
+    ids = per_row(token, examples, what, at.shape[-1])
     if int(ids.min()) < 0:
         raise ValueError(f"{what}={int(ids.min())} is a negative token id: pass ids in range({at.shape[-1]})")
     return at[rows, ids]
@@ -111,7 +118,7 @@ def logit_diff(correct: TokenIds, incorrect: TokenIds, position: Position = -1) 
     position = _ids(position, "position")
 
     def metric(logits: Tensor, examples: Tensor) -> Tensor:
-        at = _select(logits, position, examples).float()
+        at = logits_at(logits, position, examples).float()
         return _token_logits(at, correct, examples, "correct") - _token_logits(at, incorrect, examples, "incorrect")
 
     return metric
@@ -123,7 +130,7 @@ def log_prob(token: TokenIds, position: Position = -1) -> Metric:
     token, position = _ids(token, "token"), _ids(position, "position")
 
     def metric(logits: Tensor, examples: Tensor) -> Tensor:
-        at = _select(logits, position, examples).float().log_softmax(-1)
+        at = logits_at(logits, position, examples).float().log_softmax(-1)
         return _token_logits(at, token, examples, "token")
 
     return metric

@@ -19,14 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import corruption
 from . import distributed as distributed_
 from . import metrics as metrics_
 from .arguments import keyword_names, reject_unknown, strict
-from .components import BlockKV, LayerKV
 from .components.kv_cache import KVCache
 from .models.base import HookedVLM
 
@@ -74,7 +73,7 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     """
     if activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
-    leaf = _head_leaf(model, tower, attention, activation)
+    leaf = head_leaf(model, tower, attention, activation)
     run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [leaf])
 
     def by_head(t: Tensor) -> Tensor:
@@ -157,7 +156,7 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
     if isinstance(corrupt, str):
         sites = model.image_embeddings_mask(clean_run[1].positions)
     else:
-        pos = _positions(corrupt, values.shape[0], values.shape[1])
+        pos = example_positions(corrupt, values.shape[0], values.shape[1])
         sites = torch.zeros(values.shape[:2], dtype=torch.bool)
         sites[torch.arange(values.shape[0])[:, None], pos] = True
     results = []
@@ -198,7 +197,7 @@ def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt:
     """`patch_heads`'s first-order approximation (attribution patching), with the same arguments and result."""
     if activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
-    leaf = _head_leaf(model, tower, attention, activation)
+    leaf = head_leaf(model, tower, attention, activation)
     pattern = activation == "pattern"
     attr, pos = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, pos_dim=2 if pattern else 1)
     cells = {}
@@ -246,7 +245,7 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str,
 
     B = _batch_size(target)
     examples = torch.arange(B)
-    pos = _positions(positions, B, source_cache[names[0]].shape[pos_dim])  # checked before the costly runs
+    pos = example_positions(positions, B, source_cache[names[0]].shape[pos_dim])  # checked before the costly runs
     m_source = metrics_.evaluate(metric, source_logits, examples.to(source_logits.device), "the source run")
     metrics_.check_finite(m_source, "the source run's examples")
     with torch.enable_grad():
@@ -296,7 +295,7 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
     if mode not in ("zero", "mean_of_others"):
         raise ValueError(f"mode must be 'zero' or 'mean_of_others', got {mode!r}")
     _check_inputs(model, inputs, inputs)
-    leaf = _head_leaf(model, tower, attention, "z")
+    leaf = head_leaf(model, tower, attention, "z")
     if mode == "mean_of_others" and model.tower_info(tower).n_heads < 2:
         raise ValueError(f"mode='mean_of_others' needs at least two heads per layer; tower {tower!r} has one: use "
                          "mode='zero'")
@@ -390,16 +389,14 @@ class _Runs:
         def wanted(name: str) -> bool:
             return name.startswith(f"{tower}.blocks.") and name.endswith(tuple("." + leaf for leaf in leaves))
 
-        # a causal tower with a KV cache resumes on the positions after the first patched one: keep its keys (after
-        # rotary, as the cache holds them) and values to stand for the unchanged prefix
+        # a causal tower with a KV cache resumes on the positions after the first patched one: the target run's
+        # keys and values stand for the unchanged prefix (`model.prefix_cache`)
         self.prefix_resumable = model.towers()[tower].prefix_resumable
-        kv_leaves = ("attn.hook_rot_k" if f"{tower}.blocks.0.attn.hook_rot_k" in model.hook_dict else "attn.hook_k",
-                     "attn.hook_v")
-        self.kv_names = [[f"{tower}.blocks.{i}.{leaf}" for leaf in kv_leaves] for i in range(self.n_layers)]
+        kv_names = set(model.prefix_hook_names(tower)) if self.prefix_resumable else set()
 
         def target_wanted(name: str) -> bool:
-            return wanted(name) or (name.startswith(f"{tower}.blocks.") and name.endswith(
-                (".hook_resid_pre",) + (tuple("." + leaf for leaf in kv_leaves) if self.prefix_resumable else ())))
+            return wanted(name) or name in kv_names or (name.startswith(f"{tower}.blocks.")
+                                                         and name.endswith(".hook_resid_pre"))
 
         with torch.no_grad():
             if isinstance(source, tuple):  # a run the caller already made (its cache must hold the leaves)
@@ -450,14 +447,14 @@ class _Runs:
                 f"the clean and corrupted inputs differ in length at {name} ({source_len} vs {target_len} "
                 f"positions), so position-wise patching would pair unrelated tokens; make their token counts "
                 "equal or patch named spans")
-        return _positions(positions, self.B, source_len)
+        return example_positions(positions, self.B, source_len)
 
     def _prefix(self, first: int, cut: int, n: int) -> KVCache | None:
+        """The target run's keys and values of the first `cut` positions, for n stacked copies of the batch."""
         if not cut:
             return None
-        kv = [None if i < first else tuple(_repeat(self.target_cache[name], n) for name in self.kv_names[i])
-              for i in range(self.n_layers)]
-        return _prefix_cache(kv, cut)
+        prefix = self.model.prefix_cache(self.tower, self.target_cache, cut, start_layer=first)
+        return prefix if n == 1 else prefix.select(torch.arange(self.B).repeat(n))
 
     def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
               batch_size: int, progress: bool, per_example: bool = False, cut: int = 0
@@ -511,13 +508,6 @@ class _Runs:
         return out if per_example else out.mean(dim=2)
 
 
-def _prefix_cache(kv: list[tuple[Tensor, Tensor] | None], cut: int) -> KVCache:
-    """A KV cache of the first `cut` positions, from per-block (keys, values) [B, T, H_kv, d] (None: not needed)."""
-    blocks = [BlockKV(LayerKV(*(None, None) if pair is None else (pair[0][:, :cut], pair[1][:, :cut])), LayerKV())
-              for pair in kv]
-    return KVCache(blocks, length=cut)
-
-
 def _patch_position(pos: Tensor) -> Patch:
     """Variant v of example b takes the source's activation at position pos[b, v]."""
 
@@ -530,8 +520,10 @@ def _patch_position(pos: Tensor) -> Patch:
     return patch
 
 
-def _positions(positions: Sequence[int] | Tensor | None, B: int, length: int) -> Tensor:
-    """Positions per example [B, P] from None (all), a shared list, or a [B, P] tensor."""
+def example_positions(positions: Sequence[int] | Tensor | None, B: int, length: int) -> Int[Tensor, "B P"]:
+    """The `positions` argument of the sweeps as positions per example [B, P] in 0..length-1: None (every
+    position), a list shared by the B examples, or a [B, P] tensor; negative positions count from the end. Raises a
+    one-line error for an empty, non-integer, misshapen or out-of-range argument."""
     if positions is None:
         return torch.arange(length).expand(B, length)
     try:
@@ -562,7 +554,9 @@ def _require_leaf(model: HookedVLM, tower: str, leaf: str, what: str | None = No
         raise ValueError(f"{what or leaf}: {hint}; choose a tower and hook it has (model.hook_names() lists them)")
 
 
-def _head_leaf(model: HookedVLM, tower: str, attention: str, activation: str) -> str:
+def head_leaf(model: HookedVLM, tower: str, attention: str, activation: str) -> str:
+    """The block-relative hook name of a head activation (`"cross_attn.hook_z"`), checked, before any forward, to
+    exist in some block of `tower`."""
     if attention not in ("attn", "cross_attn"):
         raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
     leaf = f"{attention}.hook_{activation}"

@@ -164,6 +164,7 @@ def test_hook_returning_wrong_shape_or_dtype_names_both(vqa):
     assert not model.hook_dict[name].has_hooks
 
 
+@pytest.mark.no_typecheck  # the library's own messages, which the jaxtyping checks would pre-empt
 def test_bad_inputs_have_clear_errors(vqa):
     model, inputs = vqa
     with pytest.raises(ValueError, match="pixel_values is missing"):

@@ -327,6 +327,7 @@ def test_llama_hf_positions_switch_reproduces_hf_forward():
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.no_typecheck  # the library's own messages, which the jaxtyping checks would pre-empt
 def test_bad_inputs_raise_clear_errors(ib):
     lm, hf, model, inputs = ib
     image_id = hf.config.image_token_id

@@ -23,8 +23,9 @@ def vqa():
     corrupt_text = processor(images=images, text=["what color is the dog on the street", "how many dogs"],
                              padding=True, return_tensors="pt")
     with torch.no_grad():
-        answer = model(**clean)[:, -1].argmax(-1)  # the clean first answer token, per example
-    metric = metrics.logit_diff(answer, (answer + 1) % 58)
+        logits = model(**clean)
+    answer = logits[:, -1].argmax(-1)  # the clean first answer token, per example
+    metric = metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
     return model, clean, corrupt_image, corrupt_text, metric
 
 
@@ -70,8 +71,9 @@ def test_patch_resid_text_corruption_and_per_example_positions(vqa):
     positions = torch.tensor([[1, 5], [0, 3]])  # per example
     result = patching.patch_resid(model, clean, corrupt_text, metric, tower="text_encoder", hook="resid_post",
                                   positions=positions, progress=False)
-    assert result.shape == (2, 2)
-    for layer in range(2):
+    n_layers = model.tower_info("text_encoder").n_layers
+    assert result.shape == (n_layers, positions.shape[1])
+    for layer in range(n_layers):
         name = f"text_encoder.blocks.{layer}.hook_resid_post"
 
         def edit(act, src, cell):
@@ -79,7 +81,7 @@ def test_patch_resid_text_corruption_and_per_example_positions(vqa):
             act[rows, positions[:, cell]] = src[rows, positions[:, cell]]
             return act
 
-        expected = naive(model, clean, corrupt_text, metric, name, edit, 2, "denoise", False)
+        expected = naive(model, clean, corrupt_text, metric, name, edit, positions.shape[1], "denoise", False)
         torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -115,16 +117,19 @@ def test_patch_heads_by_position_equals_naive_loop(vqa):
     positions = [0, 2, 4]
     result = patching.patch_heads(model, clean, corrupt, metric, tower="text_encoder", attention="cross_attn",
                                   positions=positions, by_position=True, batch_size=5, progress=False)
-    assert result.shape == (2, 4, 3)
-    for layer in range(2):
+    info = model.tower_info("text_encoder")
+    P = len(positions)
+    assert result.shape == (info.n_layers, info.n_heads, P)
+    for layer in range(info.n_layers):
         name = f"text_encoder.blocks.{layer}.cross_attn.hook_z"
 
         def edit(act, src, cell):
-            head, p = cell // 3, positions[cell % 3]
+            head, p = cell // P, positions[cell % P]
             act[:, p, head] = src[:, p, head]
             return act
 
-        expected = naive(model, clean, corrupt, metric, name, edit, 12, "denoise", False).view(4, 3)
+        expected = naive(model, clean, corrupt, metric, name, edit, info.n_heads * P, "denoise", False)
+        expected = expected.view(info.n_heads, P)
         torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -135,7 +140,8 @@ def test_denoising_the_corrupted_token_at_block_0_restores_the_clean_run(vqa):
     differs = (clean["input_ids"] != corrupt_text["input_ids"])
     assert differs.sum(1).tolist() == [1, 1]
     swapped = differs.float().argmax(1, keepdim=True)  # [B, 1], a different position in each example
-    same = torch.tensor([[1], [1]])
+    same = torch.ones_like(swapped)  # position 1 is the same word in both runs
+    assert not differs.gather(1, same).any()
     result = patching.patch_resid(model, clean, corrupt_text, metric, tower="text_encoder", hook="resid_pre",
                                   positions=torch.cat([swapped, same], 1), progress=False)
     with torch.no_grad():
@@ -198,7 +204,7 @@ def test_causal_trace_equals_naive_loop(vqa, kind, window, tower):
     result = patching.causal_trace(model, clean, target, tower=tower, kind=kind, window=window, seed=4,
                                    batch_size=16, progress=False)
     T = result.shape[1]
-    sites = torch.ones(clean["pixel_values"].shape[0], 17, dtype=torch.bool)  # every vision token
+    sites = torch.ones(clean["pixel_values"].shape[0], model.vision.cfg.n_tokens, dtype=torch.bool)  # all vision tokens
     leaf = patching.TRACE_KINDS[kind]
     expected = naive_trace(model, clean, target, "vision.ln_post.hook_normalized", sites, 3.0, 4, tower, leaf,
                            window, list(range(T)))
@@ -316,19 +322,42 @@ def llava():
     return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
 
 
+def llava_positions(model, inputs):
+    """[B, 3] per example: the first and a middle token of its image (from `cache.positions`) and its last token."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs, names_filter="lm.hook_inputs_embeds")
+    pos = cache.positions
+    spans = [spans[0] for spans in pos.image]
+    assert all(s.stop - s.start == model.cfg.tokens_per_image for s in spans)
+    image = torch.tensor([[s.start, s.start + (s.stop - s.start) // 2] for s in spans])
+    assert (pos.input_ids.gather(1, image) == model.cfg.image_token_id).all()
+    return torch.cat([image, pos.last[:, None]], 1)
+
+
+def image_sites(model, inputs):
+    """[B, T] the image tokens of the LM's input, from `cache.positions`."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs, names_filter="lm.hook_inputs_embeds")
+    return model.image_embeddings_mask(cache.positions)
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_llava_sweeps_equal_naive_loop(llava, direction):
     model, clean, corrupt, metric = llava
-    positions = torch.tensor([[3, 10, 26], [12, 19, 26]])  # per example: image tokens and the last token
+    positions = llava_positions(model, clean)  # per example: two image tokens and the last token
+    n_cells = positions.shape[1]
     resid = patching.patch_resid(model, clean, corrupt, metric, tower="lm", hook="resid_post", positions=positions,
                                  direction=direction, normalize=True, batch_size=4, progress=False)
     heads = patching.patch_heads(model, clean, corrupt, metric, tower="lm", direction=direction, batch_size=4,
                                  progress=False)
     vision = patching.patch_heads(model, clean, corrupt, metric, tower="vision", activation="v",
                                   direction=direction, progress=False)
-    for layer in range(2):
+    lm, vit = model.tower_info("lm"), model.tower_info("vision")
+    assert resid.shape == (lm.n_layers, n_cells) and heads.shape == (lm.n_layers, lm.n_heads)
+    assert vision.shape == (vit.n_layers, vit.n_heads)
+    for layer in range(max(lm.n_layers, vit.n_layers)):
         def edit_pos(act, src, cell):
-            rows = torch.arange(2)
+            rows = torch.arange(positions.shape[0])
             act[rows, positions[:, cell]] = src[rows, positions[:, cell]]
             return act
 
@@ -336,25 +365,25 @@ def test_llava_sweeps_equal_naive_loop(llava, direction):
             act[:, :, head] = src[:, :, head]
             return act
 
-        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.hook_resid_post", edit_pos, 3,
-                         direction, True)
-        torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
-        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.attn.hook_z", edit_head, 4, direction,
-                         False)
-        torch.testing.assert_close(heads[layer], expected, atol=1e-5, rtol=1e-5)
-        expected = naive(model, clean, corrupt, metric, f"vision.blocks.{layer}.attn.hook_v", edit_head, 4,
-                         direction, False)
-        torch.testing.assert_close(vision[layer], expected, atol=1e-5, rtol=1e-5)
+        if layer < lm.n_layers:
+            expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.hook_resid_post", edit_pos, n_cells,
+                             direction, True)
+            torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
+            expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.attn.hook_z", edit_head, lm.n_heads,
+                             direction, False)
+            torch.testing.assert_close(heads[layer], expected, atol=1e-5, rtol=1e-5)
+        if layer < vit.n_layers:
+            expected = naive(model, clean, corrupt, metric, f"vision.blocks.{layer}.attn.hook_v", edit_head,
+                             vit.n_heads, direction, False)
+            torch.testing.assert_close(vision[layer], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_llava_causal_trace_noises_the_image_tokens(llava):
     model, clean, _, _ = llava
     target = model(**clean)[:, -1].argmax(-1)
     result = patching.causal_trace(model, clean, target, tower="lm", seed=2, progress=False)
-    with torch.no_grad():
-        model(**clean)
-    sites = model.image_embeddings_mask(model.last_positions)
-    assert sites.sum() == 2 * model.cfg.tokens_per_image
+    sites = image_sites(model, clean)
+    assert sites.sum() == clean["pixel_values"].shape[0] * model.cfg.tokens_per_image
     expected = naive_trace(model, clean, target, "lm.hook_inputs_embeds", sites, 3.0, 2, "lm", "hook_resid_post", 1,
                            list(range(result.shape[1])))
     torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
@@ -412,7 +441,11 @@ def test_instructblip_head_sweeps_equal_naive_loop(instructblip, direction):
         p = [0, 3, 5][cell]
         act[:, p] = src[:, p]
         return act
-    for layer in (0, 2):
+    cross_layers = [layer for layer in range(model.tower_info("qformer").n_layers)
+                    if f"qformer.blocks.{layer}.hook_resid_mid_cross" in model.hook_dict]
+    assert cross_layers == [0, 2]  # qf_layers=3 with cross-attention every other layer
+    assert torch.isnan(resid[1]).all()
+    for layer in cross_layers:
         expected = naive(model, clean, corrupt, metric, f"qformer.blocks.{layer}.hook_resid_mid_cross", edit_pos, 3,
                          direction, False)
         torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
@@ -429,19 +462,19 @@ def test_llava_last_token_sweeps_resume_on_the_suffix(llava, monkeypatch):
                                  progress=False)
     assert set(lengths[2:]) == {1}  # after the clean and corrupted runs, every resumed run is one token long
     monkeypatch.undo()
-    for layer in range(2):
+    info = model.tower_info("lm")
+    for layer in range(info.n_layers):
         def edit(act, src, head):
             act[:, last, head] = src[:, last, head]
             return act
-        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.attn.hook_z", edit, 4, "denoise", False)
+        expected = naive(model, clean, corrupt, metric, f"lm.blocks.{layer}.attn.hook_z", edit, info.n_heads,
+                         "denoise", False)
         torch.testing.assert_close(heads[layer, :, 0], expected, atol=1e-5, rtol=1e-5)
     target = model(**clean)[:, -1].argmax(-1)
     T = clean["input_ids"].shape[1]
     trace = patching.causal_trace(model, clean, target, tower="lm", positions=[T - 2, T - 1], window=2, seed=1,
                                   progress=False)
-    with torch.no_grad():
-        model(**clean)
-    sites = model.image_embeddings_mask(model.last_positions)
+    sites = image_sites(model, clean)
     expected = naive_trace(model, clean, target, "lm.hook_inputs_embeds", sites, 3.0, 1, "lm", "hook_resid_post", 2,
                            [T - 2, T - 1])
     torch.testing.assert_close(trace, expected, atol=1e-6, rtol=1e-5)

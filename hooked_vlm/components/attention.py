@@ -96,7 +96,7 @@ class Attention(nn.Module):
         x: Float[Tensor, "B T D"],
         kv_input: Float[Tensor, "B S D_kv"] | None = None,
         *,
-        mask: Float[Tensor, "B 1 T S"] | None = None,
+        mask: Float[Tensor, "#B 1 #T S"] | None = None,  # padding masks broadcast over T
         rotary: tuple[Tensor, Tensor] | None = None,
         pos_bias: Float[Tensor, "1 H T S"] | None = None,
         past: LayerKV | None = None,

@@ -129,8 +129,8 @@ class Block(nn.Module):
                 resid = self.hook_resid_mid_cross(torch.cat([queries, resid[:, n:]], dim=1))
         return self._sublayer(resid, self._mlp_norm, self.hook_mlp_out, self.hook_resid_post, self._mlp)
 
-    def _sublayer(self, resid: Tensor, norm: nn.Module, out_hook: HookPoint, resid_hook: HookPoint,
-                  fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def _sublayer(self, resid: Tensor, norm: Callable[[Tensor], Tensor], out_hook: HookPoint,
+                  resid_hook: Callable[[Tensor], Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
         if self.pre_norm:
             return resid_hook(resid + out_hook(fn(norm(resid))))
         return resid_hook(norm(resid + out_hook(fn(resid))))

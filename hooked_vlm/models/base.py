@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import ActivationCache
 from ..components import Attention, Block
+from ..components.kv_cache import KVCache
 from ..hooks import HookedRootModule, HookSpec, PerCall
 from ..positions import Positions
 from ..towers.base import Tower
@@ -214,15 +216,15 @@ class HookedVLM(HookedRootModule):
 
     @contextlib.contextmanager
     def resume(self, tower: str, layer: int, resid: torch.Tensor, given: Mapping[str, torch.Tensor] = {},
-               prefix: Any = None) -> Iterator["HookedVLM"]:
+               prefix: KVCache | None = None) -> Iterator["HookedVLM"]:
         """Inside the block, a forward skips the towers named in `given` (their outputs are the given tensors),
         starts `tower` at block `layer` from `resid` (the stream entering that block, as cached at
         `{tower}.blocks.{layer}.hook_resid_pre`), and runs the rest as usual. Inputs still go in whole (masks and
         positions come from them); what a patch at block `layer` of `tower` cannot change is not recomputed.
 
         `prefix` (a causal tower with `prefix_resumable`): a `KVCache` holding, for blocks `layer` on, the keys and
-        values of the first `prefix.length` positions; `resid` then covers only the positions after them, and the
-        tower's outputs too."""
+        values of the first `prefix.length` positions (`prefix_cache` builds it from a cached run); `resid` then
+        covers only the positions after them, and the tower's outputs too."""
         towers = self.towers()
         target = towers.get(tower)
         if target is None:
@@ -244,6 +246,32 @@ class HookedVLM(HookedRootModule):
             target.resume_at = target.resume_past = None
             for t in towers.values():
                 t.given_output = None
+
+    def prefix_hook_names(self, tower: str, start_layer: int = 0) -> list[str]:
+        """The hooks a run must cache (`names_filter`) for `prefix_cache(tower, ..., start_layer=start_layer)`: the
+        keys and values `tower`'s KV cache holds, per block from `start_layer` on (keys after rotary for a Llama)."""
+        target = self._resumable(tower, start_layer)
+        return [hook.name for i in range(start_layer, len(target.blocks)) for hook in target.cached_kv_hooks(i)]
+
+    def prefix_cache(self, tower: str, cache: ActivationCache | Mapping[str, torch.Tensor], length: int, *,
+                     start_layer: int = 0) -> KVCache:
+        """The `prefix` for `resume(tower, start_layer, ...)`: the keys and values of the first `length` positions
+        of the run cached in `cache` (which must hold `prefix_hook_names(tower, start_layer)`), so that the resumed
+        run computes only the positions after them, as if the whole sequence had run with that prefix.
+
+        A forward updates the returned cache in place: build one per resumed run (`.select(rows)` copies the rows
+        of stacked variants)."""
+        return self._resumable(tower, start_layer).prefix_cache(cache, length, start_layer)
+
+    def _resumable(self, tower: str, start_layer: int) -> Tower:
+        target = self.towers().get(tower)
+        if target is None:
+            raise KeyError(f"no tower {tower!r} with blocks; towers: {', '.join(self.towers())}")
+        if not target.prefix_resumable:
+            raise ValueError(f"tower {tower!r} cannot resume on a suffix (it is not a causal tower with a KV cache)")
+        if not 0 <= start_layer < len(target.blocks):
+            raise ValueError(f"start_layer {start_layer} is not a block of {tower} (0..{len(target.blocks) - 1})")
+        return target
 
     def image_embeddings_mask(self, positions: Positions) -> torch.Tensor | None:
         """[B, T] positions of `image_embeddings_hook` that hold the image (None: all of them)."""

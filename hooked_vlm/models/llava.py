@@ -172,8 +172,9 @@ class HookedLlava(HookedVLM):
     @strict_forward
     def forward(self, input_ids: Int[Tensor, "B T"] | None = None, pixel_values: Float[Tensor, "n 3 H W"] | None = None,
                 attention_mask: Int[Tensor, "B T"] | None = None, position_ids: Int[Tensor, "B T"] | None = None,
-                mm_token_type_ids: Int[Tensor, "B T"] | None = None) -> Float[Tensor, "B T V"]:
-        """LM logits for every prompt position. Text-only prompts (no `<image>`, no pixel_values) work too.
+                mm_token_type_ids: Int[Tensor, "B T"] | None = None) -> Float[Tensor, "B T_out V"]:
+        """LM logits for every prompt position (T_out = T; fewer when the LM resumes on a suffix, as patching's
+        `model.resume` does). Text-only prompts (no `<image>`, no pixel_values) work too.
 
         `mm_token_type_ids` (the processor's `return_mm_token_type_ids=True`) is accepted and ignored: it marks the
         `<image>` positions, which the model reads from `input_ids` itself, so it cannot change the result.

@@ -57,6 +57,10 @@ class LlamaTower(Tower):
     def new_cache(self) -> KVCache:
         return KVCache.for_tower(self)
 
+    def cached_kv_hooks(self, layer: int) -> tuple[HookPoint, HookPoint]:
+        attn = self.blocks[layer].attn
+        return attn.hook_rot_k, attn.hook_v  # keys are rotated before they enter the cache (`Attention.forward`)
+
     def decode_step(self, prompt_embeds: Float[Tensor, "B T D"]):
         """A step function for `greedy_decode`: the prompt's embeddings (the image written in) on the first call,
         then one new token at a time, with a KV cache."""
@@ -78,7 +82,7 @@ class LlamaTower(Tower):
         inputs_embeds: Float[Tensor, "B T D"] | None = None,
         position_ids: Int[Tensor, "B T"] | None = None,
         past: KVCache | None = None,
-    ) -> Float[Tensor, "B T D"]:
+    ) -> Float[Tensor, "B T_out D"]:  # T_out < T when resumed on the suffix after a prefix cache
         """The stream after the last block (before `ln_final`; `logits` applies it).
 
         Args:
