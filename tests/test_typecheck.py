@@ -1,4 +1,4 @@
-"""With HOOKED_VLM_TYPECHECK=1 the jaxtyping import hook of conftest.py is on: hooked_vlm's shape annotations are checked in every test."""
+"""Unless HOOKED_VLM_TYPECHECK=0, the jaxtyping import hook of conftest.py is on: hooked_vlm's shape annotations are checked in every test."""
 
 import os
 
@@ -8,8 +8,8 @@ import torch
 from hooked_vlm.components.masks import padding_mask
 
 jaxtyping = pytest.importorskip("jaxtyping")
-pytestmark = pytest.mark.skipif(os.environ.get("HOOKED_VLM_TYPECHECK", "0") != "1",
-                                reason="the runtime checks are on with HOOKED_VLM_TYPECHECK=1 (see conftest.py)")
+pytestmark = pytest.mark.skipif(os.environ.get("HOOKED_VLM_TYPECHECK", "1") == "0",
+                                reason="HOOKED_VLM_TYPECHECK=0 turned the runtime checks off (see conftest.py)")
 
 
 def test_shape_annotations_are_checked_at_runtime():
