@@ -226,12 +226,7 @@ class HookedVLM(HookedRootModule):
         values of the first `prefix.length` positions (`prefix_cache` builds it from a cached run); `resid` then
         covers only the positions after them, and the tower's outputs too."""
         towers = self.towers()
-        target = towers.get(tower)
-        if target is None:
-            raise KeyError(f"no tower {tower!r} with blocks; towers: {', '.join(towers)}")
-        n_layers = self.tower_info(tower).n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} is not a block of {tower} (0..{n_layers - 1})")
+        target = self._block_tower(tower, layer, "layer")
         unknown = set(given) - set(towers)
         if unknown:
             raise KeyError(f"given outputs for unknown towers {sorted(unknown)}; towers: {', '.join(towers)}")
@@ -263,14 +258,19 @@ class HookedVLM(HookedRootModule):
         of stacked variants)."""
         return self._resumable(tower, start_layer).prefix_cache(cache, length, start_layer)
 
-    def _resumable(self, tower: str, start_layer: int) -> Tower:
+    def _block_tower(self, tower: str, layer: int, what: str) -> Tower:
+        """The tower named `tower`, checked to have blocks and a block `layer` (`what` names the argument)."""
         target = self.towers().get(tower)
         if target is None:
             raise KeyError(f"no tower {tower!r} with blocks; towers: {', '.join(self.towers())}")
+        if not 0 <= layer < len(target.blocks):
+            raise ValueError(f"{what} {layer} is not a block of {tower} (0..{len(target.blocks) - 1})")
+        return target
+
+    def _resumable(self, tower: str, start_layer: int) -> Tower:
+        target = self._block_tower(tower, start_layer, "start_layer")
         if not target.prefix_resumable:
             raise ValueError(f"tower {tower!r} cannot resume on a suffix (it is not a causal tower with a KV cache)")
-        if not 0 <= start_layer < len(target.blocks):
-            raise ValueError(f"start_layer {start_layer} is not a block of {tower} (0..{len(target.blocks) - 1})")
         return target
 
     def image_embeddings_mask(self, positions: Positions) -> torch.Tensor | None:
