@@ -17,6 +17,7 @@ Results do not depend on the number of processes: each item is computed alone, a
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -37,6 +38,15 @@ def setup(backend: str | None = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
+    # A process group still alive at interpreter exit aborts the process ("terminate called without an active
+    # exception": gloo's threads are still running when their C++ objects die), after the results were written.
+    atexit.register(teardown)
+
+
+def teardown() -> None:
+    """Leave the process group (setup() arranges this at exit; call it earlier to free the group)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
