@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import compare, report  # noqa: E402
 
-from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm import HookedVLM, names  # noqa: E402
 from hooked_vlm.tiny import build_blip, random_image  # noqa: E402
 
 QUESTION = "what is the color of the car that is parked on the street next to the man"
@@ -43,7 +43,7 @@ def bench(kind: str, repeats: int) -> str:
         def hf_forward():
             return hf(**inputs).logits
 
-    residual = lambda n: n.endswith(("hook_resid_pre", "hook_resid_post"))  # noqa: E731
+    residual = names.in_blocks(None, "hook_resid_pre", "hook_resid_post")
     results = compare({
         "HF forward (eager)": hf_forward,
         "hooked forward": lambda: model(**inputs),

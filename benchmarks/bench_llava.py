@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import compare, report  # noqa: E402
 
-from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm import HookedVLM, names  # noqa: E402
 from hooked_vlm.tiny import build_llava, random_image  # noqa: E402
 
 PROMPT = "USER: <image>\n" + "describe this image in a short caption " * 2 + "ASSISTANT:"
@@ -47,7 +47,7 @@ def main() -> None:
         "hooked forward": lambda: model(**inputs),
         "run_with_cache (all hooks)": lambda: model.run_with_cache(**inputs),
         "run_with_cache (residual only)": lambda: model.run_with_cache(
-            **inputs, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_resid_post"))),
+            **inputs, names_filter=names.in_blocks(None, "hook_resid_pre", "hook_resid_post")),
     }, repeats=args.repeats)
     print(report(f"LLaVA mid-size forward ({len(model.hook_dict)} hook points)", results, "hooked forward"))
     ratio = results["hooked forward"]["median_ms"] / results["HF forward (sdpa)"]["median_ms"]

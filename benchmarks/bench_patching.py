@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import compare, report  # noqa: E402
 
-from hooked_vlm import HookedVLM, metrics, patching  # noqa: E402
+from hooked_vlm import HookedVLM, metrics, names, patching  # noqa: E402
 from hooked_vlm.components import Block  # noqa: E402
 from hooked_vlm.tiny import build_blip, build_llava, random_image  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> None:
     metric = metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
     examples = torch.arange(1)
     L, H = model.tower_info(tower).n_layers, model.tower_info(tower).n_heads
-    name = tower + ".blocks.{}." + attention + ".hook_z"
+    leaf = names.leaf(attention, "z")
 
     at = slice(None) if args.at == "all" else slice(-1, None)
     positions = None if args.at == "all" else [clean["input_ids"].shape[1] - 1]
@@ -85,24 +85,25 @@ def main() -> None:
             z = z.clone()
             z[:, at, head] = z_clean[:, at, head]
             return z
-        return metric(model.run_with_hooks(**corrupt, fwd_hooks=[(name.format(layer), hook)]), examples)
+        return metric(model.run_with_hooks(**corrupt, fwd_hooks=[(names.block(tower, layer, leaf), hook)]), examples)
 
     def engine():
         return patching.patch_heads(model, clean, corrupt, metric, tower=tower, attention=attention,
                                     positions=positions, batch_size=64, progress=False)
 
     def tl_loop():
-        _, cache = model.run_with_cache(**clean, names_filter=[name.format(layer) for layer in range(L)])
-        return torch.stack([torch.cat([patched_forward(cache[name.format(layer)], layer, head) for head in range(H)])
+        z_names = [names.block(tower, layer, leaf) for layer in range(L)]
+        _, cache = model.run_with_cache(**clean, names_filter=z_names)
+        return torch.stack([torch.cat([patched_forward(cache[z_names[layer]], layer, head) for head in range(H)])
                             for layer in range(L)])
 
     def notice_loop():
         out = torch.empty(L, H)
         for layer in range(L):
             for head in range(H):
-                _, cache = model.run_with_cache(**clean, names_filter=name.format(layer))
+                _, cache = model.run_with_cache(**clean, names_filter=names.block(tower, layer, leaf))
                 model(**corrupt)  # the corrupted baseline, recomputed per cell as the NOTICE scripts do
-                out[layer, head] = patched_forward(cache[name.format(layer)], layer, head)
+                out[layer, head] = patched_forward(cache[names.block(tower, layer, leaf)], layer, head)
         return out
 
     def attribution():

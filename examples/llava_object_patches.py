@@ -2,8 +2,8 @@
 
 The clean image shows a red square on grey, the corrupted one a blue square at the same place. For each LM layer,
 the corrupted run gets the clean residual stream (`lm.blocks.{L}.hook_resid_pre`) at the image tokens that show
-the square (looked up by patch-grid row and column in `model.last_positions`), and the script prints how much of
-the clean-vs-corrupted logit difference ("red" vs "blue" as the next token) that restores.
+the square (looked up by patch-grid row and column in `cache.positions`, i.e. `model.positions(**inputs)`), and the
+script prints how much of the clean-vs-corrupted logit difference ("red" vs "blue" as the next token) that restores.
 
     python examples/llava_object_patches.py [--model llava-hf/llava-1.5-7b-hf] [--device cuda]
 """
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from _common import load, parser
-from hooked_vlm import metrics
+from hooked_vlm import metrics, names
 
 PROMPT = "USER: <image>\nWhat color is the square? ASSISTANT: The square is"
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return float(diff(logits, torch.zeros(1, dtype=torch.long)))
 
     with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(**clean, names_filter=lambda n: n.endswith("hook_resid_pre")
-                                                   and n.startswith("lm."))
+        clean_logits, cache = model.run_with_cache(**clean, names_filter=names.in_blocks("lm", "hook_resid_pre"))
         m_clean, m_corrupt = metric(clean_logits), metric(model(**corrupt))
 
         # where the square is: the image tokens whose patch lies inside the box (prompt 0, image 0)
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logit diff red - blue: clean {m_clean:.3f}, corrupted {m_corrupt:.3f}")
         print("| layer | patched logit diff | restored |\n|---|---|---|")
         for layer in range(model.tower_info("lm").n_layers):
-            name = f"lm.blocks.{layer}.hook_resid_pre"
+            name = names.resid("lm", layer, "pre")
 
             def restore(resid, hook, name=name):
                 resid = resid.clone()

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         metric = metrics.log_prob(answer)  # log P: readable at the tiny model's near-uniform probabilities
         with torch.no_grad():
             base = metric(model(**inputs), torch.arange(1)).item()
-        span = model.last_positions.image[0][0]
+        positions = model.positions(**inputs)
+        span = positions.image[0][0]
         patches = object_patches(pair.clean_image, size, grid)
         objects = torch.cat([span.patches([r], [c]) for r, c in patches]).tolist() if patches else []
         # D2: mean-ablate the object tokens in the LM input, prefill only
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             ablated = metric(model.run_with_hooks(**inputs, fwd_hooks=[ablate]), torch.arange(1)).item()
         drops.append(base - ablated)
         # D3: the last token may not read the object tokens, in windows of layers
-        last = int(model.last_positions.last[0])
+        last = int(positions.last[0])
         for name, layers in windows.items():
             hooks = interventions.attention_knockout(model, [last], objects, layers, tower="lm")
             with torch.no_grad():
@@ -61,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(values) / len(values):+.5f}")
 
     # D4: logit lens on the image tokens of the first image, top-1 probability per patch and layer
-    with torch.no_grad():
-        model(**batches[0])
-    span = model.last_positions.image[0][0]
+    span = model.positions(**batches[0]).image[0][0]
     patch_tokens = span.indices[span.rows >= 0]
     lens = analysis.logit_lens(model, batches[0], tower="lm", positions=patch_tokens[None], k=1)
     top1 = lens.probs[:, 0, :, 0]  # [layers, patches]

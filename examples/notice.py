@@ -18,7 +18,7 @@ import sys
 import torch
 
 from _common import answerable, first_token, llava_prompt, load, parser, to
-from hooked_vlm import analysis, corruption, metrics, patching, plot
+from hooked_vlm import analysis, corruption, metrics, names, patching, plot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # layers, over the patch grid (class token dropped)
     layer, head = universal[0] if universal else divmod(int(heads.abs().mean(0).argmax()), heads.shape[-1])
     inputs = to(pairs[0].inputs(processor)[0], args.device)
-    _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith("cross_attn.hook_pattern")
-                                    and n.startswith("text_encoder"))
+    _, cache = model.run_with_cache(**inputs, names_filter=names.in_blocks("text_encoder", "cross_attn.hook_pattern"))
     last = int(cache.positions.last[0])
     patterns = torch.stack([cache["text_encoder", i, "cross_attn.pattern"][0, :, last, 1:]
                             for i in range(model.tower_info("text_encoder").n_layers)])  # [L, H, N]

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import distributed as distributed_
 from . import interventions, metrics, patching
+from . import names as names_
 from .arguments import strict
 from .cache import ActivationCache
 from .hooks import NameFilter
@@ -123,14 +124,14 @@ def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str,
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (vocab is not None and k > vocab):
         raise ValueError(f"k={k!r}: pass a number of top tokens in 1..{vocab if vocab is not None else 'vocab size'}")
     n_layers = model.tower_info(tower).n_layers
-    names = [f"{tower}.blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    streams = [names_.resid(tower, layer, "post") for layer in range(n_layers)]
     cache = cache_or_inputs
     if not isinstance(cache, ActivationCache):
-        _, cache = model.run_with_cache(**cache_or_inputs, names_filter=names)
-    missing = [n for n in names if n not in cache]
+        _, cache = model.run_with_cache(**cache_or_inputs, names_filter=streams)
+    missing = [n for n in streams if n not in cache]
     if missing:
         raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's hook_resid_post of {tower!r}")
-    stream = torch.stack([cache[n] for n in names])  # [L, B, T, D]
+    stream = torch.stack([cache[n] for n in streams])  # [L, B, T, D]
     B, T = stream.shape[1:3]
     pos = patching.example_positions(positions, B, T)  # checked: non-empty, in range, one row per example
     picked = stream[:, torch.arange(B)[:, None], pos.to(stream.device)]  # [L, B, P, D]

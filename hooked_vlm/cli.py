@@ -30,11 +30,18 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from weights_conversion.__main__ import DTYPES, convert
+
+from . import analysis, corruption, metrics, names, patching, plot, tiny
+from .metrics import answer_token
+from .models.base import HookedVLM
 
 TINY = "tiny"
 DEBUG_ENV = "HOOKED_VLM_DEBUG"  # set to 1 to get the traceback of an error instead of its one line
@@ -54,8 +61,6 @@ class TinyModel:
 
 def _tiny(builder: str, *args: Any) -> Callable[[], tuple[Any, Any]]:
     def build() -> tuple[Any, Any]:
-        from . import tiny
-
         return getattr(tiny, builder)(*args, seed=0)
 
     return build
@@ -136,8 +141,6 @@ def _read_image(path: str, option: str):
 
 # ---------------------------------------------------------------------------------------------- the model
 def _load_model(name: str, device: str):
-    from .models.base import HookedVLM
-
     if name in TINY_MODELS:
         hf, processor = TINY_MODELS[name].build()
         return HookedVLM.from_hf(hf, processor=processor, device=device)
@@ -175,8 +178,6 @@ def _template(model, question: str, template: str | None) -> str:
 
 def _answer(tokenizer, word: str, option: str) -> tuple[int, str]:
     """The token an answer is measured by, and its piece (what the metadata names)."""
-    from .metrics import answer_token
-
     try:
         token = answer_token(tokenizer, word)
     except (ValueError, TypeError) as e:
@@ -217,7 +218,7 @@ def _why_not_finite(model, tower: str, leaf: str, scores: Float[Tensor, "n_layer
                     normalisation: Callable[[], str]) -> str:
     """Why some of `scores` are NaN or inf: layers of `tower` without the hook `leaf` (nothing to patch there), and
     for the other layers the normalisation (`normalisation()` says with which numbers)."""
-    absent = [layer for layer in range(scores.shape[0]) if f"{tower}.blocks.{layer}.{leaf}" not in model.hook_dict]
+    absent = [layer for layer in range(scores.shape[0]) if names.block(tower, layer, leaf) not in model.hook_dict]
     reasons = [f"layers {absent} of {tower!r} have no {leaf} to patch"] if absent else []
     bad_layers = torch.nonzero(~torch.isfinite(scores).flatten(1).all(1)).flatten().tolist()
     if set(bad_layers) - set(absent):
@@ -242,8 +243,6 @@ def _write(out: Path, name: str, scores: Float[Tensor, "n_layers n_cells"], meta
         for layer, row in enumerate(values):
             writer.writerow([layer] + ["" if v is None else v for v in row])
     try:
-        from . import plot
-
         plot.heatmap(scores, out / f"{name}.png", title=meta.get("title", name), xlabel=xlabel,
                      xticklabels=labels)
     except ImportError:
@@ -301,9 +300,6 @@ def _check_patch_args(args: argparse.Namespace) -> None:
 def _synthetic_pair(tokenizer, seed: int):
     """The first of the seed's synthetic colour pairs whose two answers this tokenizer can tell apart (a tiny
     vocabulary lacks some colours; a real one has them all, so the first pair is taken)."""
-    from . import corruption
-    from .metrics import answer_token
-
     pairs = corruption.synthetic_pairs(16, "color", seed=seed)
     for pair in pairs:
         try:
@@ -339,8 +335,6 @@ def _pair(args: argparse.Namespace, model) -> tuple[Mapping, Mapping, str, str]:
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
-    from . import metrics, patching
-
     _check_patch_args(args)
     model = _load_model(args.model, args.device)
     tower = _tower(model, args.tower, model.prompt_tower)
@@ -372,7 +366,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
         return (f"each score is divided by metric(clean) - metric(corrupted) = {m_clean:.4g} - {m_corrupt:.4g}, which "
                 "is 0 (or not finite) here; pick a pair the model answers differently")
 
-    leaf = f"hook_{args.hook}" if args.resid else f"{attention}.hook_z"
+    leaf = names.leaf(args.hook) if args.resid else names.leaf(attention, "z")
 
     kind = f"{args.hook} per position" if args.resid else f"{attention} heads"
     meta = {"model": args.model, "tower": tower, "kind": kind, "answer": answer, "answer_token": good_piece,
@@ -384,8 +378,6 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
 
 def _single_input(args: argparse.Namespace, model) -> dict:
-    from . import corruption
-
     image, prompt = args.image, args.prompt
     if image is None:
         pair = corruption.synthetic_pairs(1, "color", seed=args.seed)[0]
@@ -402,8 +394,6 @@ def _check_single_args(args: argparse.Namespace) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    from . import patching
-
     _check_single_args(args)
     model = _load_model(args.model, args.device)
     tower = _tower(model, args.tower, model.prompt_tower)
@@ -433,8 +423,6 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 
 def cmd_lens(args: argparse.Namespace) -> None:
-    from . import analysis
-
     _check_single_args(args)
     model = _load_model(args.model, args.device)
     if not model.output_tower and args.tower is None:
@@ -455,8 +443,6 @@ def cmd_lens(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from weights_conversion.__main__ import DTYPES, convert
-
     _check_model_name(args.source, "source")
     out = convert(args.source, args.out_dir, dtype=DTYPES[args.dtype] if args.dtype else None,
                   overwrite=args.overwrite)

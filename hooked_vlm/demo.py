@@ -14,7 +14,8 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
-from hooked_vlm import HookedVLM
+from hooked_vlm import HookedVLM, names
+from hooked_vlm.tiny import build_blip
 
 DEFAULT_MODEL = "Salesforce/blip-vqa-base"
 UNIVERSAL_HEAD = (5, 3)  # a text-encoder cross-attention head NOTICE (Golovanevsky et al. 2025) found in BLIP-VQA
@@ -35,8 +36,6 @@ def load(model_name: str, download: bool, device: str) -> tuple[HookedVLM, str]:
     if cached or download:
         model = HookedVLM.from_pretrained(model_name, local_files_only=cached and not download, device=device)
         return model, f"{model_name} ({'local HF cache' if cached else 'downloaded'})"
-    from hooked_vlm.tiny import build_blip
-
     hf, processor = build_blip("vqa", seed=0)
     model = HookedVLM.from_hf(hf, processor=processor, device=device)
     return model, (f"a tiny BLIP-VQA built offline with seed 0 -- its weights are RANDOM, so its answers mean "
@@ -69,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     layer, head = UNIVERSAL_HEAD
     layer = min(layer, model.tower_info("text_encoder").n_layers - 1)
     head = min(head, model.tower_info("text_encoder").n_heads - 1)
-    z_name = f"text_encoder.blocks.{layer}.cross_attn.hook_z"
+    z_name = names.block("text_encoder", layer, "cross_attn.hook_z")
+    shown = names.in_blocks(None, "hook_resid_post", "cross_attn.hook_pattern")  # every tower's
     with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(
-            **clean, names_filter=lambda n: n.endswith(("hook_resid_post", "cross_attn.hook_pattern")) or n == z_name)
+        clean_logits, cache = model.run_with_cache(**clean, names_filter=lambda n: shown(n) or n == z_name)
     print(f"cached {len(cache)} activations ({cache.nbytes / 2**20:.1f} MiB), for example:")
-    for name in [z_name, f"text_encoder.blocks.{layer}.cross_attn.hook_pattern", "vision.blocks.0.hook_resid_post",
-                 f"text_decoder.blocks.{model.tower_info('text_decoder').n_layers - 1}.hook_resid_post"]:
+    last_decoder_layer = model.tower_info("text_decoder").n_layers - 1
+    pattern_name = names.block("text_encoder", layer, "cross_attn.hook_pattern")
+    for name in [z_name, pattern_name, "vision.blocks.0.hook_resid_post",
+                 names.resid("text_decoder", last_decoder_layer, "post")]:
         print(f"  {name:55s} {tuple(cache[name].shape)}")
 
     # 3. patch one cross-attention head from the clean run into a run on the corrupted picture

@@ -9,7 +9,7 @@ Threads. Hooks attached by `hooks()`, `run_with_hooks`, `run_with_cache` and `ge
 *scoped*: they live in a `contextvars` scope that only the thread (or context) that opened it sees, so several
 threads can run different hooks on one model at once. Hooks attached by `add_hook` outside such a block, and
 permanent hooks, are *global*: every thread sees them. Per-call state that a forward writes and a later call
-reads (`last_positions`, a tower's resume and recording switches) is kept per context the same way (`PerCall`).
+reads (a tower's resume and recording switches) is kept per context the same way (`PerCall`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ import difflib
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import names as names_
 from .arguments import keyword_names
+from .cache import ActivationCache
+from .utils import Slice
 
 HookFn = Callable[..., Union[Tensor, None]]
 NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -38,7 +41,7 @@ V = TypeVar("V")
 
 class PerCall(Generic[V]):
     """A class attribute whose value is private to the thread (more exactly the `contextvars` context) that set it:
-    state one call writes and the same call (or the caller's next line) reads, e.g. `model.last_positions`.
+    state one call writes and the same call (or the caller's next line) reads, e.g. a tower's `recorded_output`.
 
     Each instance gets its own `ContextVar`, created on first use and kept in a weak table, so models stay
     copyable and picklable. A thread that never set the attribute reads `default`."""
@@ -177,17 +180,22 @@ class HookPoint(nn.Module):
 
     def add_hook(
         self,
-        fn: HookFn,
+        hook: HookFn,
         dir: Direction = "fwd",
         *,
         is_permanent: bool = False,
         prepend: bool = False,
     ) -> HookHandle:
-        """Attach `fn`: inside a `hooks()` block (and not permanent) for the calling context only, until the block
+        """Attach `hook`: inside a `hooks()` block (and not permanent) for the calling context only, until the block
         ends; otherwise globally, until removed."""
         check_direction(dir)
-        check_hook_fn(fn, f"hook on {self.name!r}")
-        return self._attach(fn, dir, is_permanent, prepend, None if is_permanent else _SCOPE.get())
+        check_hook_fn(hook, f"hook on {self.name!r}")
+        return self._attach(hook, dir, is_permanent, prepend, None if is_permanent else _SCOPE.get())
+
+    def add_perma_hook(self, hook: HookFn, dir: Direction = "fwd") -> HookHandle:
+        """Attach `hook` permanently (TransformerLens's `add_perma_hook`): globally, kept by `reset_hooks()` and
+        `remove_hooks()`, removed only by those with `including_permanent=True` (or `handle.remove()`)."""
+        return self.add_hook(hook, dir, is_permanent=True)
 
     def _attach(self, fn: HookFn, dir: Direction, is_permanent: bool, prepend: bool,
                 scope: _Scope | None) -> HookHandle:
@@ -199,19 +207,26 @@ class HookPoint(nn.Module):
         hooks.insert(0, handle) if prepend else hooks.append(handle)
         return handle
 
-    def remove_hooks(self, dir: Direction | Literal["both"] = "both", *, including_permanent: bool = False) -> None:
-        """Remove the global hooks (permanent ones only if asked) and the calling context's scoped ones."""
-        if dir not in ("fwd", "bwd", "both"):
-            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
-        dirs = ("fwd", "bwd") if dir == "both" else (dir,)
-        for d in dirs:
-            hooks = self._fwd if d == "fwd" else self._bwd
-            hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]  # in place: handles own it
-        scope = _SCOPE.get()
-        while scope is not None:
+    def remove_hooks(self, dir: Direction | Literal["both"] = "fwd", including_permanent: bool = False,
+                     level: int | None = None) -> None:
+        """Remove hooks in direction `dir` ("fwd" by default, as in TransformerLens; "bwd" or "both"): the global
+        ones (permanent ones only with `including_permanent=True`) and the calling context's scoped ones.
+
+        `level=k` removes only the hooks of the calling context's k-th open `hooks()` block (1: the outermost),
+        TransformerLens's context levels; global and permanent hooks have no level and stay."""
+        dirs = _directions(dir, "dir")
+        scopes = _scopes_at(level, including_permanent)
+        if level is None:
+            for d in dirs:
+                hooks = self._fwd if d == "fwd" else self._bwd
+                hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]  # in place: handles own it
+        for scope in scopes:
             for d in dirs:
                 (scope.fwd if d == "fwd" else scope.bwd).pop(self, None)
-            scope = scope.parent
+
+    def clear_context(self) -> None:
+        """Empty `ctx`, the scratch space hook functions share (TransformerLens's `clear_context`)."""
+        self.ctx = {}
 
     def forward(self, x: Tensor) -> Tensor:
         # the unhooked path: two list checks and one context-variable read (then a walk of the open scopes)
@@ -249,8 +264,52 @@ class HookPoint(nn.Module):
                 "tensor of the same shape and dtype (or None to keep the activation)"
             )
 
+    @property
+    def tower(self) -> str:
+        """The tower this point belongs to, the first part of its name (`"lm"` for `lm.blocks.3.attn.hook_z`)."""
+        return names_.parse(self._named()).tower
+
+    def layer(self) -> int:
+        """The index of the block this point is in (3 for `lm.blocks.3.attn.hook_z`), as TransformerLens's
+        `HookPoint.layer()`; like it, raises for a point outside the blocks (`lm.hook_embed`, `lm.ln_final.hook_scale`)
+        and for a point not yet named by its root module's `setup()`.
+
+        Where hooked_vlm differs: its names start with a tower, so the index is the part after `{tower}.blocks`, not
+        the second part (TransformerLens reads `blocks.3.attn.hook_z`); and the error is always a ValueError naming
+        the rule (TransformerLens's is whatever its `int(name.split(".")[1])` raises: an IndexError or a
+        ValueError). `hooked_vlm.names.parse(name).layer` gives None instead of raising for a tower-level name."""
+        return names_.layer_of(self._named())
+
+    def _named(self) -> str:
+        if not self.name:
+            raise ValueError("this hook point has no name yet: a root module's setup() names its hook points")
+        return self.name
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def _directions(direction: Any, what: str) -> tuple[Direction, ...]:
+    if direction not in ("fwd", "bwd", "both"):
+        raise ValueError(f"{what} must be 'fwd', 'bwd' or 'both', got {direction!r}")
+    return ("fwd", "bwd") if direction == "both" else (direction,)
+
+
+def _scopes_at(level: Any, including_permanent: bool) -> list[_Scope]:
+    """The calling context's open `hooks()` scopes that a removal at `level` touches: all of them (None), or the
+    level-th from the outermost (TransformerLens numbers its context levels from 1)."""
+    scope = _SCOPE.get()
+    scopes = scope.chain() if scope is not None else []
+    if level is None:
+        return scopes
+    if including_permanent:
+        raise ValueError(f"including_permanent=True removes every hook, whatever its level; pass level={level!r} or "
+                         "including_permanent=True, not both")
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= len(scopes):
+        open_ = f"{len(scopes)} are open" if scopes else "none is open"
+        raise ValueError(f"level={level!r} is not an open hooks() block of this thread: levels count the open blocks "
+                         f"from 1 (the outermost), and {open_}")
+    return [scopes[level - 1]]
 
 
 def _hook_specs(specs: Any, what: str) -> list[tuple[str | Callable[[str], bool], HookFn]]:
@@ -345,36 +404,71 @@ class HookedRootModule(nn.Module):
         return points
 
     # ---------------------------------------------------------------- attaching hooks
-    def add_hook(self, name: str | Callable[[str], bool], fn: HookFn, dir: Direction = "fwd", *,
-                 is_permanent: bool = False, prepend: bool = False) -> list[HookHandle]:
-        """Attach `fn` to the named point(s). Inside a `hooks()` block (unless permanent) it is scoped to that block:
-        only the calling thread sees it and the block's end removes it; elsewhere it is global (every thread sees
-        it) until `reset_hooks()` or `handle.remove()`."""
-        check_direction(dir)
-        check_hook_fn(fn, f"hook on {name!r}" if isinstance(name, str) else "hook")
-        scope = None if is_permanent else _SCOPE.get()
-        return [p._attach(fn, dir, is_permanent, prepend, scope) for p in self._points(name)]
+    def hook_points(self) -> list[HookPoint]:
+        """Every hook point, in execution order (TransformerLens's `hook_points()`)."""
+        return list(self.hook_dict.values())
 
-    def reset_hooks(self, *, including_permanent: bool = False) -> None:
-        """Remove global hooks (permanent ones only if asked) and the hooks of the calling context's open `hooks()`
-        blocks; other threads' scoped hooks are theirs to remove."""
+    def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: Direction = "fwd", *,
+                 is_permanent: bool = False, prepend: bool = False) -> list[HookHandle]:
+        """Attach `hook` to the named point(s). Inside a `hooks()` block (unless permanent) it is scoped to that
+        block: only the calling thread sees it and the block's end removes it; elsewhere it is global (every thread
+        sees it) until `reset_hooks()` or `handle.remove()`."""
+        check_direction(dir)
+        check_hook_fn(hook, f"hook on {name!r}" if isinstance(name, str) else "hook")
+        scope = None if is_permanent else _SCOPE.get()
+        return [p._attach(hook, dir, is_permanent, prepend, scope) for p in self._points(name)]
+
+    def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn,
+                       dir: Direction = "fwd") -> list[HookHandle]:
+        """TransformerLens's `add_perma_hook`: attach `hook` permanently, globally (every thread sees it, also inside
+        `hooks()` blocks); `reset_hooks()` and `remove_all_hook_fns()` keep it, unless called with
+        `including_permanent=True`."""
+        return self.add_hook(name, hook, dir, is_permanent=True)
+
+    def remove_all_hook_fns(self, direction: Direction | Literal["both"] = "both", including_permanent: bool = False,
+                            level: int | None = None) -> None:
+        """TransformerLens's `remove_all_hook_fns`: remove the hooks in `direction` ("fwd", "bwd", "both") from
+        every point, permanent ones only with `including_permanent=True`; `hook.ctx` is kept (`reset_hooks` clears
+        it). Global hooks go, and the calling context's scoped ones; other threads' scoped hooks are theirs.
+
+        `level=k` removes only the hooks of the calling context's k-th open `hooks()` block (1: the outermost),
+        where TransformerLens numbers its context levels the same way; global hooks have no level and stay."""
+        _directions(direction, "direction")
+        _scopes_at(level, including_permanent)  # checked once, before any hook is removed
         for point in self.hook_dict.values():
-            point.remove_hooks("both", including_permanent=including_permanent)
-            point.ctx.clear()
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        """Empty every hook point's `ctx` (TransformerLens's `clear_contexts`)."""
+        for point in self.hook_dict.values():
+            point.clear_context()
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: Direction | Literal["both"] = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove global hooks (permanent ones only if asked) and the hooks of the calling context's open `hooks()`
+        blocks (other threads' scoped hooks are theirs to remove), and empty every `hook.ctx`: TransformerLens's
+        `reset_hooks`, with its arguments (see `remove_all_hook_fns`)."""
+        if not isinstance(clear_contexts, bool):  # TL's first positional: anything but a bool is a mix-up
+            raise TypeError(f"clear_contexts must be True or False, got {type(clear_contexts).__name__} "
+                            f"{clear_contexts!r:.60}")
+        self.remove_all_hook_fns(direction, including_permanent, level)
+        if clear_contexts:
+            self.clear_contexts()
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[HookSpec] = (), bwd_hooks: Iterable[HookSpec] = (),
-              reset_hooks_end: bool = True) -> Iterator["HookedRootModule"]:
+              reset_hooks_end: bool = True, clear_contexts: bool = False) -> Iterator["HookedRootModule"]:
         """Attach hooks for the duration of a `with` block, for the calling thread (context) only: other threads
         calling the model meanwhile do not see them. Hooks added with `add_hook` inside the block are scoped the
-        same way. On exit (also on an exception) they are all gone; enclosing blocks and global hooks are untouched.
+        same way. On exit (also on an exception) they are all gone; enclosing blocks and global hooks are untouched;
+        with `clear_contexts=True` every `hook.ctx` is emptied too (TransformerLens's argument).
 
         With `reset_hooks_end=False` the hooks are attached globally instead (every thread sees them) and stay
         attached after the block, until `reset_hooks()`.
         """
-        if not isinstance(reset_hooks_end, bool):
-            raise TypeError(f"reset_hooks_end must be True or False, got {type(reset_hooks_end).__name__} "
-                            f"{reset_hooks_end!r:.60}")
+        for value, what in ((reset_hooks_end, "reset_hooks_end"), (clear_contexts, "clear_contexts")):
+            if not isinstance(value, bool):
+                raise TypeError(f"{what} must be True or False, got {type(value).__name__} {value!r:.60}")
         # resolve and check everything before attaching anything: a bad spec leaves no hook behind
         attach = [(p, fn, dir) for dir, specs in (("fwd", _hook_specs(fwd_hooks, "fwd_hooks")),
                                                  ("bwd", _hook_specs(bwd_hooks, "bwd_hooks")))
@@ -392,18 +486,23 @@ class HookedRootModule(nn.Module):
             yield self
         finally:
             _SCOPE.reset(token)  # the scope and every hook in it are gone with it
+            if clear_contexts:
+                self.clear_contexts()
 
     def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[HookSpec] = (), bwd_hooks: Iterable[HookSpec] = (),
-                       reset_hooks_end: bool = True, **inputs: Any) -> Any:
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, **inputs: Any) -> Any:
         """Run the forward with hooks attached for this call only (other threads do not see them); they are removed
-        afterwards (with `reset_hooks_end=False`: attached globally and kept).
+        afterwards (with `reset_hooks_end=False`: attached globally and kept). The inputs are keywords, or the
+        processor's output as one positional dict (`run_with_hooks(inputs, fwd_hooks=...)`).
 
         Backward hooks are bound to the tensors of this forward, so a later `.backward()` on its output still runs
-        them although they are no longer attached.
+        them although they are no longer attached (TransformerLens needs `reset_hooks_end=False` for that).
         """
-        self._check_own_keywords(inputs, ("fwd_hooks", "bwd_hooks", "reset_hooks_end"), "run_with_hooks()")
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end):
-            return self(*args, **inputs)
+        inputs = model_inputs(args, inputs, "run_with_hooks()")
+        self._check_own_keywords(inputs, ("fwd_hooks", "bwd_hooks", "reset_hooks_end", "clear_contexts"),
+                                 "run_with_hooks()")
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            return self(**inputs)
 
     def _check_own_keywords(self, inputs: Mapping[str, Any], own: Sequence[str], where: str) -> None:
         """A keyword the forward does not take but that looks like one of the caller's own (`names_filtr=`) is a
@@ -414,41 +513,151 @@ class HookedRootModule(nn.Module):
             if close:
                 raise TypeError(f"{where} got an unexpected keyword argument {key!r}; did you mean {close[0]!r}?")
 
+    # ---------------------------------------------------------------- caching
+    def get_caching_hooks(self, names_filter: NameFilter = None, incl_bwd: bool = False,
+                          device: torch.device | str | None = None, remove_batch_dim: bool = False,
+                          cache: MutableMapping[str, Tensor] | None = None, pos_slice: Any = None,
+                          ) -> tuple[MutableMapping[str, Tensor], list[HookSpec], list[HookSpec]]:
+        """TransformerLens's `get_caching_hooks`: `(cache, fwd_hooks, bwd_hooks)`, hooks that store the selected
+        activations (and with `incl_bwd=True` their gradients, under `name + "_grad"`) in `cache` (a new dict by
+        default) when attached, e.g. `with model.hooks(fwd_hooks, bwd_hooks): metric(model(**inputs)).backward()`.
+        Nothing is attached here.
+
+        Each activation is stored detached, moved to `device` (None: where it is), with its batch dimension dropped
+        if `remove_batch_dim` (a batch of one only), and selected along its position dimension by `pos_slice`
+        (TransformerLens's `Slice`: an int keeps the dimension, `-1` stores `[..., -1:, ...]`; a tuple is
+        `slice(*t)`; a list or tensor of indices). The position dimension is TransformerLens's: third from last for
+        `hook_q`, `hook_k`, `hook_v`, `hook_z`, `hook_result` (and, where TransformerLens slices the heads instead,
+        `hook_rot_q`, `hook_rot_k`), second from last for everything else, which for `hook_pattern` and
+        `hook_attn_scores` is the query position (the keys are kept whole). Each tower's hooks are sliced along
+        their own sequence: the vision tower's patches, the LM's tokens, and, for cross-attention `hook_k` and
+        `hook_v`, the attended tower's positions.
+        """
+        names = self.hook_names(names_filter)
+        device = _cache_device(device, "get_caching_hooks")
+        positions = Slice.unwrap(pos_slice)
+        if not isinstance(incl_bwd, bool) or not isinstance(remove_batch_dim, bool):
+            raise TypeError(f"incl_bwd and remove_batch_dim must be True or False, got {incl_bwd!r} and "
+                            f"{remove_batch_dim!r}")
+        if cache is None:
+            cache = {}
+        elif not isinstance(cache, MutableMapping):
+            raise TypeError(f"cache must be a dict to store the activations in (or None), got {type(cache).__name__}")
+
+        def save(backward: bool) -> HookFn:
+            def save_hook(tensor: Tensor, hook: HookPoint) -> None:
+                x = tensor.detach() if device is None else tensor.detach().to(device)
+                if remove_batch_dim:
+                    if x.shape[0] != 1:
+                        raise ValueError(f"remove_batch_dim=True needs a batch of one example; {hook.name} has "
+                                         f"batch size {x.shape[0]}")
+                    x = x[0]
+                if not positions.is_identity:
+                    dim = _position_dim(hook.name)
+                    if tensor.ndim >= -dim:  # TransformerLens's check: the tensor has that many dimensions
+                        x = positions.apply(x, dim)
+                        if positions.mode == "slice":  # a view would keep the whole activation alive
+                            x = x.clone()
+                cache[hook.name + "_grad" if backward else hook.name] = x
+            return save_hook
+
+        fwd: list[HookSpec] = [(name, save(False)) for name in names]
+        bwd: list[HookSpec] = [(name, save(True)) for name in names] if incl_bwd else []
+        return cache, fwd, bwd
+
     def run_with_cache(self, *args: Any, names_filter: NameFilter = None, device: torch.device | str | None = None,
-                       incl_bwd: bool = False, remove_batch_dim: bool = False, **inputs: Any):
-        """Run the forward and return `(output, cache)`, the cache holding the selected activations.
+                       remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, pos_slice: Any = None, return_cache_object: bool = True,
+                       **inputs: Any):
+        """Run the forward and return `(output, cache)`, the cache holding the selected activations
+        (TransformerLens's `run_with_cache`, arguments and defaults included). The inputs are keywords, or the
+        processor's output as one positional dict (`run_with_cache(inputs)`).
 
         `device` moves each activation there as soon as it is produced (for example "cpu", so that a GPU never
-        holds the cache). With `incl_bwd=True`, call `.backward()` on a function of the output afterwards: the
-        gradients then arrive in the cache under `name + "_grad"` (no hook stays attached in between).
-        Cached tensors never share memory with a parameter: editing the cache cannot change a weight.
-        """
-        from .cache import ActivationCache
+        holds the cache); `remove_batch_dim` drops the batch dimension of a single example; `pos_slice` keeps only
+        some positions of each activation (see `get_caching_hooks`). `return_cache_object=False` returns the plain
+        dict instead of an `ActivationCache`. Cached tensors never share memory with a parameter: editing the cache
+        cannot change a weight.
 
-        self._check_own_keywords(inputs, ("names_filter", "device", "incl_bwd", "remove_batch_dim", "tower_outputs"),
+        `incl_bwd=True` does what TransformerLens does: it calls `.backward()` on the output, inside the run, and
+        caches the gradients under `name + "_grad"`. That needs an output of one element (TransformerLens's
+        `return_type="loss"`); hooked_vlm's forwards return logits, so for the gradients of a metric attach
+        `get_caching_hooks(names, incl_bwd=True)` with `hooks()` and call `.backward()` on the metric yourself.
+        """
+        inputs = model_inputs(args, inputs, "run_with_cache()")
+        self._check_own_keywords(inputs, ("names_filter", "device", "incl_bwd", "remove_batch_dim", "tower_outputs",
+                                          "reset_hooks_end", "clear_contexts", "pos_slice", "return_cache_object"),
                                  "run_with_cache()")
-        names = self.hook_names(names_filter)
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"run_with_cache: device={device!r} is not a device ({e}); pass e.g. 'cpu' or "
-                                 "'cuda:0'") from None
         if incl_bwd and not torch.is_grad_enabled():
             raise RuntimeError("run_with_cache(incl_bwd=True) under torch.no_grad() would cache no gradient; call "
                                "it with gradients enabled")
-        store: dict[str, Tensor] = {}
+        if remove_batch_dim:  # token ids and masks have one row per example (images may be several per example)
+            batched = {k: v.shape[0] for k, v in inputs.items() if isinstance(v, Tensor) and v.ndim == 2
+                       and not v.dtype.is_floating_point and v.shape[0] != 1}
+            if batched:
+                key, size = next(iter(batched.items()))
+                raise ValueError(f"remove_batch_dim=True needs a batch of one example; {key} holds {size}")
+        store, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice)
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(**inputs)
+            if incl_bwd:
+                _backward(out)
+        if not return_cache_object:
+            return out, store
+        positions = self.positions(**inputs) if hasattr(self, "positions") else None  # a pure function of the inputs
+        return out, ActivationCache(store, self, positions=positions, has_batch_dim=not remove_batch_dim)
 
-        def save(key: str) -> HookFn:
-            def hook(tensor: Tensor, hook: HookPoint) -> None:
-                store[key] = tensor.detach().to(device) if device is not None else tensor.detach()
-            return hook
 
-        fwd = [(n, save(n)) for n in names]
-        bwd = [(n, save(n + "_grad")) for n in names] if incl_bwd else []
-        with self.hooks(fwd, bwd):
-            out = self(*args, **inputs)
-        cache = ActivationCache(store, self, positions=getattr(self, "last_positions", None))
-        if remove_batch_dim:
-            cache = cache.remove_batch_dim()
-        return out, cache
+def model_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """The model's keyword inputs, with a processor's output passed positionally (`model(inputs)`, a `BatchFeature`
+    or any mapping) merged in, as `model(**inputs)` would pass it. Anything else positional is a TypeError."""
+    if not args:
+        return kwargs
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        given = args[0]
+        bad = [k for k in given if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"{where}: the positional inputs hold key {bad[0]!r:.60}; a processor's output maps input "
+                            "names (str) to tensors")
+        twice = sorted(given.keys() & kwargs.keys())
+        if twice:
+            raise TypeError(f"{where} got {twice[0]!r} twice, in the positional processor output and as a keyword; "
+                            "pass it once")
+        return {**given, **kwargs}
+    kinds = ", ".join(type(a).__name__ for a in args)
+    hint = (" (TransformerLens's model(tokens) is model(input_ids=tokens, pixel_values=...) here)"
+            if isinstance(args[0], Tensor) else "")
+    raise TypeError(f"{where} takes the processor's output, as keywords (model(**inputs)) or as one positional dict "
+                    f"(model(inputs)); got positional {kinds}{hint}: pass the inputs by name")
+
+
+def _cache_device(device: Any, where: str) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{where}: device={device!r} is not a device ({e}); pass e.g. 'cpu' or 'cuda:0'") from None
+
+
+# TransformerLens's rule: per-head tensors [..., pos, head, d] have their positions third from last. Its list leaves
+# out hook_rot_q / hook_rot_k (it slices their heads); here they follow hook_q / hook_k.
+_HEAD_LAST = frozenset({"hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k"})
+
+
+def _position_dim(name: str) -> int:
+    return -3 if name.rpartition(".")[2] in _HEAD_LAST else -2
+
+
+def _backward(out: Any) -> None:
+    """TransformerLens's `model_out.backward()`, refused with the reason where it cannot run."""
+    if not isinstance(out, Tensor) or out.numel() != 1:
+        what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        raise RuntimeError(f"run_with_cache(incl_bwd=True) calls .backward() on the model's output, as TransformerLens "
+                           f"does, which needs one element (TL's return_type='loss'), but the output is {what}; for "
+                           "the gradients of a metric: cache, fwd, bwd = model.get_caching_hooks(names, incl_bwd=True), "
+                           "then with model.hooks(fwd, bwd): metric(model(**inputs)).backward()")
+    if not out.requires_grad:
+        raise RuntimeError("run_with_cache(incl_bwd=True): the output does not require grad (every parameter frozen "
+                           "and no input requiring grad), so there is no gradient to cache")
+    out.backward()

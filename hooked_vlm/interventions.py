@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from . import names
 from .arguments import strict
 from .hooks import HookSpec
 from .models.base import HookedVLM
@@ -23,7 +24,7 @@ AblationMode = Literal["zero", "mean", "mean_of_others", "resample"]
 
 
 def _z_name(model: HookedVLM, tower: str, attention: str, layer: int) -> str:
-    name = f"{tower}.blocks.{layer}.{attention}.hook_z"
+    name = names.block(tower, layer, names.leaf(attention, "z"))
     model.hook_names(name)  # raises with the closest names if the tower, layer or attention does not exist
     return name
 
@@ -184,7 +185,7 @@ def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions
         raise ValueError("heads is empty: pass the heads to knock out, or heads=None for all")
     hooks = []
     for layer in layers:
-        name = f"{tower}.blocks.{layer}.{attention}.hook_attn_scores"
+        name = names.block(tower, layer, names.leaf(attention, "attn_scores"))
         model.hook_names(name)
         n_heads = _n_heads(model, tower, attention, layer)
         if head_index is not None and not all(isinstance(h, int) and -n_heads <= h < n_heads for h in head_index):
@@ -219,7 +220,7 @@ def replace_positions(model: HookedVLM, hook_name: str, positions: Positions, va
     edited, not the generation steps after it.
     """
     model.hook_names(hook_name)
-    tower = model.tower(hook_name.split(".")[0])
+    tower = model.tower(model.hook_dict[hook_name].tower)
 
     def hook(t: Tensor, hook: Any) -> Tensor | None:
         offset = tower.position_offset

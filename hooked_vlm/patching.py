@@ -25,6 +25,7 @@ from torch import Tensor
 from . import corruption
 from . import distributed as distributed_
 from . import metrics as metrics_
+from . import names
 from .arguments import keyword_names, reject_unknown, strict
 from .components.kv_cache import KVCache
 from .models.base import HookedVLM
@@ -50,10 +51,11 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
     """
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
-    _require_leaf(model, tower, f"hook_{hook}")
-    run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [f"hook_{hook}"])
-    pos = run.positions(positions, f"hook_{hook}")  # [B, P]
-    return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.hook_{hook}"], pos.shape[1], _patch_position(pos),
+    leaf = names.leaf(hook)
+    _require_leaf(model, tower, leaf)
+    run = _Runs.for_direction(model, clean, corrupt, metric, tower, direction, [leaf])
+    pos = run.positions(positions, leaf)  # [B, P]
+    return run.sweep(lambda layer: [names.block(tower, layer, leaf)], pos.shape[1], _patch_position(pos),
                      normalize, batch_size, progress, cut=int(pos.min()))
 
 
@@ -97,7 +99,7 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str
         return act
 
     n_variants = n_heads * n_pos if by_position else n_heads
-    out = run.sweep(lambda layer: [f"{tower}.blocks.{layer}.{leaf}"], n_variants, patch, normalize, batch_size,
+    out = run.sweep(lambda layer: [names.block(tower, layer, leaf)], n_variants, patch, normalize, batch_size,
                     progress, cut=int(pos.min()))
     return out.view(out.shape[0], n_heads, n_pos) if by_position else out
 
@@ -139,7 +141,7 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
     metric = target if callable(target) else metrics_.prob(target, position)
     leaf = TRACE_KINDS[kind]
     n_layers = model.tower_info(tower).n_layers
-    site = model.image_embeddings_hook if isinstance(corrupt, str) else f"{tower}.hook_embed"
+    site = model.image_embeddings_hook if isinstance(corrupt, str) else names.tower_hook(tower, "hook_embed")
     if isinstance(corrupt, str) and corrupt != "image":
         raise ValueError(f"corrupt must be 'image' or positions, got {corrupt!r}")
     if site not in model.hook_dict:
@@ -147,11 +149,11 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
 
     def cell_hooks(layer: int) -> list[str]:
         span = range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
-        return [name for name in (f"{tower}.blocks.{i}.{leaf}" for i in span) if name in model.hook_dict]
+        return [name for name in (names.block(tower, i, leaf) for i in span) if name in model.hook_dict]
 
+    restored = names.in_blocks(tower, leaf)
     with torch.no_grad():  # the clean run, shared by every sample: the values to restore and to scale the noise by
-        clean_run = model.run_with_cache(**inputs, names_filter=lambda n: n == site or (
-            n.startswith(f"{tower}.blocks.") and n.endswith("." + leaf)))
+        clean_run = model.run_with_cache(**inputs, names_filter=lambda n: n == site or restored(n))
     values = clean_run[1][site]
     if isinstance(corrupt, str):
         sites = model.image_embeddings_mask(clean_run[1].positions)
@@ -179,7 +181,7 @@ def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt:
     (source - target) . d metric / d activation, from one source forward, one target forward and one backward."""
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
-    leaf = f"hook_{hook}"
+    leaf = names.leaf(hook)
     _require_leaf(model, tower, leaf)
     attr, pos = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, pos_dim=1)
     # per layer: [B, T, D] -> effect of patching each position alone: [B, P]
@@ -230,11 +232,11 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str,
         raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
                         "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    names = [n for n in model.hook_dict if n.startswith(f"{tower}.blocks.") and n.endswith("." + leaf)]
-    if not names:
+    hooked = [n for n in model.hook_dict if names.in_blocks(tower, leaf)(n)]
+    if not hooked:
         raise ValueError(f"tower {tower!r} has no hook ending in {leaf!r}")
     with torch.no_grad():
-        source_logits, source_cache = model.run_with_cache(**source, names_filter=names)
+        source_logits, source_cache = model.run_with_cache(**source, names_filter=hooked)
     acts: dict[str, Tensor] = {}
 
     def keep(t: Tensor, hook: Any) -> Tensor:
@@ -245,23 +247,23 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str,
 
     B = _batch_size(target)
     examples = torch.arange(B)
-    pos = example_positions(positions, B, source_cache[names[0]].shape[pos_dim])  # checked before the costly runs
+    pos = example_positions(positions, B, source_cache[hooked[0]].shape[pos_dim])  # checked before the costly runs
     m_source = metrics_.evaluate(metric, source_logits, examples.to(source_logits.device), "the source run")
     metrics_.check_finite(m_source, "the source run's examples")
     with torch.enable_grad():
-        target_logits = model.run_with_hooks(**target, fwd_hooks=[(n, keep) for n in names])
-        for name in names:  # before the backward pass and before subtracting: a clear error, not a broadcast one
+        target_logits = model.run_with_hooks(**target, fwd_hooks=[(n, keep) for n in hooked])
+        for name in hooked:  # before the backward pass and before subtracting: a clear error, not a broadcast one
             if source_cache[name].shape != acts[name].shape:
                 raise ValueError(f"the clean and corrupted inputs differ in shape at {name} "
                                  f"({tuple(source_cache[name].shape)} vs {tuple(acts[name].shape)}); make their "
                                  "token counts equal")
         m_target = metrics_.evaluate(metric, target_logits, examples.to(target_logits.device), "the target run")
         metrics_.check_finite(m_target.detach(), "the target run's examples")
-        grads = torch.autograd.grad(m_target.sum(), [acts[n] for n in names], allow_unused=True)
+        grads = torch.autograd.grad(m_target.sum(), [acts[n] for n in hooked], allow_unused=True)
     result = _Attribution()
-    for name, grad in zip(names, grads):
+    for name, grad in zip(hooked, grads):
         diff = source_cache[name] - acts[name].detach()
-        result[int(name.split(".")[2])] = (diff.float(), torch.zeros_like(diff, dtype=torch.float) if grad is None
+        result[names.layer_of(name)] = (diff.float(), torch.zeros_like(diff, dtype=torch.float) if grad is None
                                            else grad.float())
     result.n_layers = model.tower_info(tower).n_layers
     result.m_target = m_target.detach().float()
@@ -312,7 +314,7 @@ def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_
             act[rows, :, variant] = others
         return act
 
-    return run.sweep(lambda layer: [f"{tower}.blocks.{layer}.{leaf}"], n_heads, ablate, False, batch_size, progress,
+    return run.sweep(lambda layer: [names.block(tower, layer, leaf)], n_heads, ablate, False, batch_size, progress,
                      per_example=True)
 
 
@@ -386,8 +388,8 @@ class _Runs:
         self.target, self.target_hooks = dict(target), list(target_hooks)
         self.B = _batch_size(self.target)
 
-        def wanted(name: str) -> bool:
-            return name.startswith(f"{tower}.blocks.") and name.endswith(tuple("." + leaf for leaf in leaves))
+        wanted = names.in_blocks(tower, *leaves)
+        stream = names.in_blocks(tower, "hook_resid_pre")
 
         # a causal tower with a KV cache resumes on the positions after the first patched one: the target run's
         # keys and values stand for the unchanged prefix (`model.prefix_cache`)
@@ -395,8 +397,7 @@ class _Runs:
         kv_names = set(model.prefix_hook_names(tower)) if self.prefix_resumable else set()
 
         def target_wanted(name: str) -> bool:
-            return wanted(name) or name in kv_names or (name.startswith(f"{tower}.blocks.")
-                                                         and name.endswith(".hook_resid_pre"))
+            return wanted(name) or name in kv_names or stream(name)
 
         with torch.no_grad():
             if isinstance(source, tuple):  # a run the caller already made (its cache must hold the leaves)
@@ -431,14 +432,14 @@ class _Runs:
         return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise")
 
     def source_act(self, leaf: str) -> Tensor:
-        names = [n for n in self.source.keys() if n.endswith("." + leaf)]
-        if not names:
+        name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
+        if name is None:
             raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
-        return self.source[names[0]]
+        return self.source[name]
 
     def positions(self, positions: Sequence[int] | Tensor | None, leaf: str, dim: int = 1) -> Tensor:
         """Positions per example [B, P]; checks that source and target agree in length where positions align."""
-        name = next((n for n in self.source.keys() if n.endswith("." + leaf)), None)
+        name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
         if name is None:
             raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
         source_len, target_len = self.source[name].shape[dim], self.target_cache[name].shape[dim]
@@ -479,18 +480,18 @@ class _Runs:
             n = min(per_chunk, n_variants - start)
             variant = torch.arange(start, start + n).repeat_interleave(B)  # rows are variant-major
             example = torch.arange(B).repeat(n)
-            names = cell_hooks(layer)
-            first = min(int(name.split(".")[2]) for name in names)
+            hooked = cell_hooks(layer)
+            first = min(names.layer_of(name) for name in hooked)
 
             def hook(act: Tensor, hook: Any) -> Tensor:
                 return patch(act, self.source[hook.name], variant, example, cut)
 
             inputs = {k: _repeat(v, n) for k, v in self.target.items()}
             given = {k: _repeat(v, n) for k, v in self.given.items()}
-            resid = _repeat(self.target_cache[f"{self.tower}.blocks.{first}.hook_resid_pre"][:, cut:], n)
+            resid = _repeat(self.target_cache[names.resid(self.tower, first, "pre")][:, cut:], n)
             with torch.no_grad(), self.model.resume(self.tower, first, resid, given, self._prefix(first, cut, n)):
                 logits = self.model.run_with_hooks(**inputs, fwd_hooks=[*self.target_hooks,
-                                                                        *((name, hook) for name in names)])
+                                                                        *((name, hook) for name in hooked)])
             if cut:  # the prefix's logits are the target run's
                 logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
             values = metrics_.evaluate(self.metric, logits, example.to(logits.device), "a patched run").float()
@@ -548,7 +549,7 @@ def example_positions(positions: Sequence[int] | Tensor | None, B: int, length: 
 def _require_leaf(model: HookedVLM, tower: str, leaf: str, what: str | None = None) -> None:
     """Raise before any forward if no block of `tower` has the hook `leaf` (a cross-attention where there is none)."""
     n_layers = model.tower_info(tower).n_layers  # raises for an unknown tower, naming the towers
-    if not any(f"{tower}.blocks.{i}.{leaf}" in model.hook_dict for i in range(n_layers)):
+    if not any(names.block(tower, i, leaf) in model.hook_dict for i in range(n_layers)):
         hint = (f"tower {tower!r} has no cross-attention" if "cross_attn" in leaf
                 else f"no layer of tower {tower!r} has a hook {leaf!r}")
         raise ValueError(f"{what or leaf}: {hint}; choose a tower and hook it has (model.hook_names() lists them)")
@@ -559,7 +560,7 @@ def head_leaf(model: HookedVLM, tower: str, attention: str, activation: str) -> 
     exist in some block of `tower`."""
     if attention not in ("attn", "cross_attn"):
         raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
-    leaf = f"{attention}.hook_{activation}"
+    leaf = names.leaf(attention, activation)
     _require_leaf(model, tower, leaf, f"attention={attention!r}")
     return leaf
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .components import Block
 
+# accelerate is imported in the functions that place a model: only device maps need it
 AUTO_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 
@@ -27,6 +27,33 @@ class ImageSpan:
         """Sequence positions of the tokens showing the given patch rows and columns."""
         keep = torch.isin(self.rows, torch.as_tensor(list(rows))) & torch.isin(self.cols, torch.as_tensor(list(cols)))
         return self.indices[keep]
+
+
+def image_spans(is_image: Bool[Tensor, "B T"], tokens_per_image: int, rows: Int[Tensor, "N"] | None = None,
+                cols: Int[Tensor, "N"] | None = None) -> list[list[ImageSpan]]:
+    """Per example, the spans of its images' tokens in a sequence whose placeholders `is_image` marks.
+
+    Images fill the placeholders in order, `tokens_per_image` each, as HF's `masked_scatter` writes them (LLaVA:
+    its patches; InstructBLIP: its queries); so adjacent images, one run of placeholders, are cut apart by count,
+    and an image whose placeholders are not consecutive gets one span per consecutive run. `rows` and `cols`
+    [tokens_per_image]: each image token's patch-grid row and column (None: -1, not a patch).
+    """
+    not_patch = torch.full((tokens_per_image,), -1)
+    rows = not_patch if rows is None else rows
+    cols = not_patch if cols is None else cols
+    out = []
+    for row in is_image.cpu():  # one transfer; spans are Python ints
+        idx = torch.nonzero(row).flatten().tolist()
+        spans = []
+        for first in range(0, len(idx), tokens_per_image):
+            image = idx[first:first + tokens_per_image]
+            run = 0  # the image token where the current consecutive run starts
+            for k in range(1, len(image) + 1):
+                if k == len(image) or image[k] != image[k - 1] + 1:
+                    spans.append(ImageSpan(image[run], image[k - 1] + 1, rows[run:k], cols[run:k]))
+                    run = k
+        out.append(spans)
+    return out
 
 
 @dataclass

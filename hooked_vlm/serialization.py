@@ -11,8 +11,8 @@ processor's files. Loading it needs no transformers model class (only the proces
 Writes are atomic: everything goes to a temporary folder beside `out_dir`, swapped in at the end, so that `out_dir`
 holds the old checkpoint or the new one, whole, at every instant (`write_checkpoint`); only an empty folder or a
 hooked_vlm checkpoint holding nothing but the files listed in its config is ever replaced (`check_target`). Shards
-are written and read one tensor at a time (`shards.py`): saving holds nothing beyond the model, and loading builds
-the model on the meta device and reads each tensor once, into place.
+are written and read one tensor at a time (`shards.py`): saving holds nothing beyond the model, and loading
+(`loading.py`) builds the model on the meta device and reads each tensor once, into place.
 """
 
 from __future__ import annotations
@@ -72,11 +72,17 @@ def _config_class(path: str) -> type:
     return cls
 
 
+# Fields that earlier versions wrote and this one dropped because what they held lives elsewhere now; a file that
+# holds them still loads. BlockConfig.n_query: the Q-Former's query count, now only on QFormerConfig.
+RETIRED_FIELDS = {"BlockConfig": frozenset({"n_query"})}
+
+
 def decode_config(data: Any) -> Any:
     if isinstance(data, dict) and "__class__" in data:
         cls = _config_class(data["__class__"])
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: decode_config(v) for k, v in data.items() if k != "__class__"}
+        retired = RETIRED_FIELDS.get(cls.__name__, frozenset())
+        values = {k: decode_config(v) for k, v in data.items() if k != "__class__" and k not in retired}
         unknown = set(values) - fields
         if unknown:
             raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}: the file is from another version")
@@ -433,49 +439,25 @@ def apply_switches(cfg: Any, options: dict[str, Any], where: str, also: Iterable
     return dataclasses.replace(cfg, **options) if options else cfg
 
 
-def build_empty(meta: dict[str, Any], options: dict[str, Any] | None = None, where: str = "load()"):
-    """The model of a checkpoint's metadata (with the model switches of `options` set), built on the meta device
-    (no memory, no initialisation)."""
-    from . import models
-
-    model_class = getattr(models, meta["model_class"], None)
-    if model_class is None:
-        raise ValueError(f"unknown model class {meta['model_class']!r}")
-    cfg = apply_switches(decode_config(meta["config"]), options or {}, where)
-    with torch.device("meta"):
-        return model_class(cfg)
+def shard_files(path: Path, meta: dict[str, Any]) -> list[Path]:
+    """The shard files a checkpoint's metadata lists, each checked to lie inside its folder."""
+    return [inside(path, file, str(path / CONFIG_NAME)) for file in meta["shards"]]
 
 
 def load_processor(folder: Path) -> Any:
     """The processor saved in a folder (tokenizer and image processor files), or None if it holds none."""
     if not (any(folder.glob("*processor*")) or any(folder.glob("tokenizer*"))):
         return None
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor  # here: `import hooked_vlm` does not load transformers
 
     return AutoProcessor.from_pretrained(folder)
 
 
-def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None, device_map: Any = None, max_memory: dict[Any, int | str] | None = None,
-         offload_dir: str | os.PathLike | None = None, options: dict[str, Any] | None = None,
-         where: str = "load()"):
-    """Load a folder written by `save` or by the converter: the model is built on the meta device and each tensor
-    is read once, straight to its device. `device_map` (and `max_memory`, `offload_dir`) as in
-    `HookedVLM.from_pretrained`; `options`: model switches (`apply_switches`)."""
-    from .models.base import load_converted
-    from .placement import device_for, dispatch, resolve_device_map
-
-    dtype = as_dtype(dtype)
-    path = Path(path)
-    recover(path)
-    meta = read_meta(path)
-    files = [inside(path, file, str(path / CONFIG_NAME)) for file in meta["shards"]]
-    model = build_empty(meta, options, where)
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{path}: the shard {file.name} is missing")
-    if device_map is not None:
-        device_map = resolve_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
+def read_tensors(path: Path, meta: dict[str, Any], files: list[Path], dtype: torch.dtype | None,
+                 target: Callable[[str], torch.device | str]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The hooked state dict of a checkpoint, each tensor read once in `dtype` (None: as stored) straight to
+    `target(name)`, and the HF tensors hooked_vlm does not use (`HFOrigin.unused`, on the CPU)."""
     state, unused = {}, {}
     with ShardReader(files) as reader:  # on the CPU as stored: views of the memory-mapped shards, no copy
         for file, names in meta["shards"].items():
@@ -486,15 +468,5 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
                 if name.startswith(UNUSED_PREFIX):
                     unused[name[len(UNUSED_PREFIX):]] = reader.read(name, dtype)
                 else:
-                    target = device_for(name, device_map) if device_map is not None else device
-                    state[name] = reader.read(name, dtype, target or "cpu")
-    load_converted(model, state, source=str(path))
-    origin = meta.get("hf_origin")
-    if origin is not None:
-        model.hf_origin = HFOrigin(origin["hf_class"], origin["config"], unused)
-    model.processor = load_processor(path)
-    model.eval()
-    if device_map is not None:
-        return dispatch(model, device_map, offload_dir=offload_dir)
-    return model.to(device=device)
-
+                    state[name] = reader.read(name, dtype, target(name))
+    return state, unused

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hooked_vlm import HookedVLM, shards
+from hooked_vlm.loading import hooked_class
 from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, random_image
 from weights_conversion import CONVERTERS, converter_for
 from weights_conversion.checkpoint import NoSafetensors
@@ -57,7 +58,7 @@ def test_every_registered_converter(hf_class):
         converter = converter_for(hf)
         assert converter is CONVERTERS[hf_class]
         model = HookedVLM.from_hf(hf, processor=processor)
-        assert isinstance(model, converter.model_class), name
+        assert isinstance(model, hooked_class(converter)), name
         hf_state = hf.state_dict()
         converted = converter.convert(hf_state, model.cfg)
         hooked = model.state_dict()

@@ -123,8 +123,9 @@ def test_backward_hooks_and_gradient_cache(vqa):
     logits[:, -1, 5].sum().backward()
     assert len(grads) == 1 and grads[0].shape == (2, inputs["input_ids"].shape[1], 64) and grads[0].abs().sum() > 0
 
-    logits, cache = model.run_with_cache(**inputs, names_filter=name, incl_bwd=True)
-    logits[:, -1, 5].sum().backward()
+    cache, fwd, bwd = model.get_caching_hooks(name, incl_bwd=True)  # run_with_cache(incl_bwd) needs a scalar output
+    with model.hooks(fwd, bwd):
+        model(**inputs)[:, -1, 5].sum().backward()
     torch.testing.assert_close(cache[name + "_grad"], grads[0])
     model.zero_grad(set_to_none=True)
 

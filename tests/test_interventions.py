@@ -327,7 +327,7 @@ def llava():
 def test_llava_knockout_of_image_tokens_with_left_padding(llava, fast):
     """Neo et al.'s knockout: the last token may not read the image tokens in a window of layers."""
     model, inputs = llava
-    positions = model.last_positions
+    positions = model.positions(**inputs)
     image = [span.indices.tolist() for spans in positions.image for span in spans]  # per example
     last = positions.last.tolist()
     hooks = interventions.attention_knockout(model, [[p] for p in last], image, layers=[1], tower="lm")
@@ -355,7 +355,7 @@ def test_llava_logit_lens_normalises_once(llava):
     model, inputs = llava
     with torch.no_grad():
         logits = model(**inputs)
-    lens = analysis.logit_lens(model, inputs, tower="lm", positions=model.last_positions.last[:, None], k=4)
+    lens = analysis.logit_lens(model, inputs, tower="lm", positions=model.positions(**inputs).last[:, None], k=4)
     top = logits[:, -1].softmax(-1).topk(4)
     torch.testing.assert_close(lens.probs[-1, :, 0], top.values, atol=1e-6, rtol=0)
     assert torch.equal(lens.ids[-1, :, 0], top.indices)
@@ -364,7 +364,7 @@ def test_llava_logit_lens_normalises_once(llava):
 def test_llava_mean_ablation_of_image_tokens_prefill_only(llava):
     model, inputs = llava
     means = analysis.mean_activation(model, [inputs], ["projector.hook_out"], over="tokens")
-    image = [span.indices.tolist() for spans in model.last_positions.image for span in spans]
+    image = [span.indices.tolist() for spans in model.positions(**inputs).image for span in spans]
     hook = interventions.replace_positions(model, "lm.hook_inputs_embeds", image, means["projector.hook_out"],
                                            prefill_only=True)
     seen = []

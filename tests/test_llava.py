@@ -85,7 +85,7 @@ def test_two_images_in_one_prompt_and_text_only():
     with torch.no_grad():
         ours, ref = model(**inputs), hf(**inputs).logits
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-        spans = model.last_positions.image[0]
+        spans = model.positions(**inputs).image[0]
         assert len(spans) == 2 and spans[0].stop <= spans[1].start
         text = processor.tokenizer(["USER: what is a cat? ASSISTANT:"], return_tensors="pt")
         torch.testing.assert_close(model(**text), hf(**text).logits, atol=1e-4, rtol=0)
@@ -136,9 +136,7 @@ def test_batched_equals_unbatched(llava):
 
 def test_positions_mark_image_tokens_and_patches(llava):
     hf, model, inputs = llava
-    with torch.no_grad():
-        model(**inputs)
-    positions = model.last_positions
+    positions = model.positions(**inputs)
     per_image = model.cfg.tokens_per_image
     for b in range(2):
         (span,) = positions.image[b]
@@ -164,7 +162,7 @@ def test_hooks_that_edit(llava):
         for name in (f"vision.blocks.{feature}.hook_resid_post", "projector.hook_out"):
             zeroed = model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda t, hook: torch.zeros_like(t))])
             assert not torch.allclose(zeroed, clean), name
-        image = model.image_embeddings_mask(model.last_positions)
+        image = model.image_embeddings_mask(model.positions(**inputs))
 
         def zero_image(t, hook):
             return t.masked_fill(image[..., None], 0.0)
@@ -307,7 +305,7 @@ def test_rows_with_different_numbers_of_images():
     with torch.no_grad():
         ours, ref = model(**inputs), hf(**inputs, position_ids=mask_positions(inputs)).logits
     torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
-    assert [len(spans) for spans in model.last_positions.image] == [2, 0, 1]
+    assert [len(spans) for spans in model.positions(**inputs).image] == [2, 0, 1]
     assert torch.equal(model.generate(**inputs, max_new_tokens=4), hf.generate(**inputs, max_new_tokens=4,
                                                                               do_sample=False))
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hooked_vlm import HookedBlipVQA, HookedVLM
+from hooked_vlm.loading import hooked_class, load_converted
 from hooked_vlm.tiny import build_blip, random_image
 from weights_conversion import converter_for
 
@@ -73,12 +74,10 @@ def test_unknown_missing_and_misshaped_weights_are_named():
     with pytest.raises(KeyError, match="vision_model.encoder.layers.1.mlp.fc2.bias"):
         _convert(hf, missing)
 
-    from hooked_vlm.models.base import load_converted
-
     converted = _convert(hf, state)
     converted["text_decoder.blocks.0.mlp.in_weight"] = converted["text_decoder.blocks.0.mlp.in_weight"][:-1]
     with torch.device("meta"):
-        model = converter_for(hf).model_class(converter_for(hf).config(hf.config))
+        model = hooked_class(converter_for(hf))(converter_for(hf).config(hf.config))
     with pytest.raises(ValueError, match=r"mis-shaped.*text_decoder.blocks.0.mlp.in_weight"):
         load_converted(model, converted, "test")
     del converted["vision.W_pos"]

@@ -451,17 +451,19 @@ def test_instructblip_head_sweeps_equal_naive_loop(instructblip, direction):
         torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_llava_last_token_sweeps_resume_on_the_suffix(llava, monkeypatch):
+def test_llava_last_token_sweeps_resume_on_the_suffix(llava):
     """Patching at the last token only: the resumed runs compute one position per row (the prefix's keys and values
     come from the corrupted run) and still equal the naive loop."""
     model, clean, corrupt, metric = llava
     last = [clean["input_ids"].shape[1] - 1]
     lengths = []
-    monkeypatch.setattr(model.lm, "finish", lambda out: lengths.append(out.shape[1]) or out)
-    heads = patching.patch_heads(model, clean, corrupt, metric, tower="lm", positions=last, by_position=True,
-                                 progress=False)
+    counter = model.lm.register_forward_hook(lambda tower, args, out: lengths.append(out.shape[1]))
+    try:
+        heads = patching.patch_heads(model, clean, corrupt, metric, tower="lm", positions=last, by_position=True,
+                                     progress=False)
+    finally:
+        counter.remove()
     assert set(lengths[2:]) == {1}  # after the clean and corrupted runs, every resumed run is one token long
-    monkeypatch.undo()
     info = model.tower_info("lm")
     for layer in range(info.n_layers):
         def edit(act, src, head):

@@ -123,3 +123,39 @@ def test_zero_copy_load_never_writes_the_files(tmp_path):
     assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == before
     with torch.no_grad():
         assert torch.equal(HookedVLM.from_pretrained(out)(**inputs), original)
+
+
+def test_checkpoint_of_the_previous_version_loads(tmp_path):
+    """Checkpoints written before the refactor of issue 12 name the family configs by their old modules and hold
+    `BlockConfig.n_query` (None, or the Q-Former's query count): they load, and compute the same."""
+    import json
+
+    hf, processor, inputs = family("instructblip-t5")
+    model = HookedVLM.from_hf(hf, processor=processor)
+    out = model.save_pretrained(tmp_path / "old", dtype=None)
+    path = out / serialization.CONFIG_NAME
+    saved = json.loads(path.read_text())
+
+    def as_before(node, n_query=None):
+        if isinstance(node, dict):
+            if node.get("__class__") == "hooked_vlm.configs.InstructBlipConfig":
+                node["__class__"] = "hooked_vlm.models.instructblip.InstructBlipConfig"
+            if node.get("__class__", "").endswith(".QFormerConfig"):
+                n_query = node["n_query"]
+            if node.get("__class__", "").endswith(".BlockConfig"):
+                node["n_query"] = n_query
+            for value in node.values():
+                as_before(value, n_query)
+        elif isinstance(node, list):
+            for value in node:
+                as_before(value, n_query)
+
+    as_before(saved)
+    text = json.dumps(saved)
+    assert text.count('"n_query"') > 1  # the Q-Former config's own, and the blocks'
+    assert "hooked_vlm.models.instructblip.InstructBlipConfig" in text
+    path.write_text(text)
+    loaded = HookedVLM.from_pretrained(out)
+    assert loaded.cfg == model.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))

@@ -1,5 +1,5 @@
 """Thread isolation: hooks added for a call (run_with_hooks, run_with_cache, hooks(), generate(fwd_hooks=...)) and
-per-call state (last_positions, resume, recorded tower outputs) belong to the thread that made the call, while other
+per-call state (resume, recorded tower outputs) belong to the thread that made the call, while other
 threads call the same model at the same time; permanent and global hooks stay visible to every thread.
 
 Every test makes the calls overlap for sure: a hook waits, inside the forward, until the other threads are inside

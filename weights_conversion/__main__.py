@@ -16,26 +16,24 @@ from pathlib import Path
 
 import torch
 
+from hooked_vlm import serialization
 from hooked_vlm.arguments import as_dtype
+from hooked_vlm.loading import from_pretrained
+
+from .checkpoint import NoSafetensors, resolve
+from .streaming import convert_checkpoint
 
 DTYPES = {name: as_dtype(name) for name in ("float32", "float16", "bfloat16")}  # also the CLI's choices
 
 
 def convert(source: str, out_dir: str, *, dtype: torch.dtype | str | None = None, overwrite: bool = False,
             progress: bool = True) -> Path:
-    from hooked_vlm import serialization
-
-    from .checkpoint import NoSafetensors, resolve
-    from .streaming import convert_checkpoint
-
     dtype = as_dtype(dtype)
     try:
         return convert_checkpoint(source, out_dir, dtype=dtype, overwrite=overwrite, progress=progress)
     except NoSafetensors:
-        from hooked_vlm import HookedVLM
-
         folder = resolve(source)  # convert_checkpoint checked `out_dir` against it before finding no safetensors
-        model = HookedVLM.from_pretrained(folder, dtype=dtype)
+        model = from_pretrained(folder, dtype=dtype)
         return serialization.save(model, out_dir, dtype=dtype, overwrite=overwrite, sources=[folder])
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
-from hooked_vlm.models.blip import BlipConfig, HookedBlipCaptioning, HookedBlipITM, HookedBlipVQA
+from hooked_vlm.configs import BlipConfig
 from hooked_vlm.towers.bert import TextConfig
 from hooked_vlm.towers.vit import VisionConfig
 
@@ -175,17 +175,17 @@ def _convert_blip(state: Mapping[str, Tensor], cfg: BlipConfig, source: str) -> 
     return w
 
 
-@register_converter("BlipForConditionalGeneration", HookedBlipCaptioning, caption_config)
+@register_converter("BlipForConditionalGeneration", caption_config)
 def convert_caption(state: Mapping[str, Tensor], cfg: BlipConfig) -> ConversionPlan:
     return _convert_blip(state, cfg, "BlipForConditionalGeneration").finish()
 
 
-@register_converter("BlipForQuestionAnswering", HookedBlipVQA, vqa_config)
+@register_converter("BlipForQuestionAnswering", vqa_config)
 def convert_vqa(state: Mapping[str, Tensor], cfg: BlipConfig) -> ConversionPlan:
     return _convert_blip(state, cfg, "BlipForQuestionAnswering").finish()
 
 
-@register_converter("BlipForImageTextRetrieval", HookedBlipITM, itm_config)
+@register_converter("BlipForImageTextRetrieval", itm_config)
 def convert_itm(state: Mapping[str, Tensor], cfg: BlipConfig) -> ConversionPlan:
     w = _convert_blip(state, cfg, "BlipForImageTextRetrieval")
     w.copy({f"{m}.{k}": f"{m}.{k}" for m in ("itm_head", "vision_proj", "text_proj") for k in ("weight", "bias")})

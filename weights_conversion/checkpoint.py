@@ -23,6 +23,9 @@ from hooked_vlm.shards import ShardReader, inside
 from .registry import Converter, converter_for
 from .state_dict import Recipe
 
+# transformers and huggingface_hub are imported in the functions that read an HF checkpoint: `import hooked_vlm`
+# loads neither (transformers alone takes about half a second, its model classes seconds)
+
 # what a hub download takes: configs, safetensors shards, processor and tokenizer files (never pickles)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 

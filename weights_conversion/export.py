@@ -12,6 +12,8 @@ from torch import Tensor
 from .registry import converter_for
 from .state_dict import ConversionPlan
 
+# transformers is imported in the functions that export: `import hooked_vlm` does not load it (half a second)
+
 
 def _origin(model: Any):
     origin = getattr(model, "hf_origin", None)

@@ -7,7 +7,7 @@ from typing import Any
 
 def generation_tokens(hf: Any) -> dict[str, Any]:
     """The token ids HF's generate uses (its generation config is built from the model config)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # here: `import hooked_vlm` does not load transformers
 
     gen = GenerationConfig.from_model_config(hf)
     tc = hf.text_config

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
-from hooked_vlm.models.instructblip import HookedInstructBlip, InstructBlipConfig
+from hooked_vlm.configs import InstructBlipConfig
 from hooked_vlm.towers.qformer import QFormerConfig
 from hooked_vlm.towers.t5 import T5StackConfig
 
@@ -133,7 +133,7 @@ def convert_t5_lm(w: SourceWeights, cfg: InstructBlipConfig, src: str) -> None:
     w.put("lm_decoder.unembed.weight", src + "lm_head.weight")
 
 
-@register_converter("InstructBlipForConditionalGeneration", HookedInstructBlip, instructblip_config)
+@register_converter("InstructBlipForConditionalGeneration", instructblip_config)
 def convert_instructblip(state: Mapping[str, Tensor], cfg: InstructBlipConfig) -> ConversionPlan:
     w = SourceWeights(state, "InstructBlipForConditionalGeneration")
     convert_vit(w, cfg.vision, "vision_model.", "vision.")

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from hooked_vlm.components import AttnConfig, BlockConfig, MLPConfig, NormConfig
-from hooked_vlm.models.llava import HookedLlava, LlavaConfig
+from hooked_vlm.configs import LlavaConfig
 from hooked_vlm.towers.vit import VisionConfig
 
 from .blip import activation, check_vision
@@ -44,7 +44,7 @@ def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
                        **generation_tokens(hf))
 
 
-@register_converter("LlavaForConditionalGeneration", HookedLlava, llava_config)
+@register_converter("LlavaForConditionalGeneration", llava_config)
 def convert_llava(state: Mapping[str, Tensor], cfg: LlavaConfig) -> ConversionPlan:
     w = SourceWeights(state, "LlavaForConditionalGeneration")
     v, n_blocks = "model.vision_tower.", cfg.vision.n_layers

@@ -1,4 +1,5 @@
-"""Converters keyed by the HF model class name (a dict lookup, never an if/elif chain)."""
+"""Converters keyed by the HF model class name (a dict lookup, never an if/elif chain). A converter knows configs
+only: which hooked model class runs a config is hooked_vlm's choice (`hooked_vlm.configs.HOOKED_CLASSES`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from .state_dict import ConversionPlan
 @dataclass(frozen=True)
 class Converter:
     hf_class: str
-    model_class: type  # the hooked model class
     config: Callable[..., Any]  # (hf_config, **options) -> hooked config
     # (HF state dict, hooked config) -> the plan; only the tensors' shapes are read (meta tensors do)
     plan: Callable[[Mapping[str, Tensor], Any], ConversionPlan]
@@ -27,11 +27,12 @@ class Converter:
 CONVERTERS: dict[str, Converter] = {}
 
 
-def register_converter(hf_class: str, model_class: type, config: Callable[..., Any]):
-    """Decorator registering a conversion planner for `hf_class` (the transformers model class name)."""
+def register_converter(hf_class: str, config: Callable[..., Any]):
+    """Decorator registering a conversion planner for `hf_class` (the transformers model class name), with `config`
+    building the hooked config from the HF one."""
 
     def wrap(plan):
-        CONVERTERS[hf_class] = Converter(hf_class, model_class, config, plan)
+        CONVERTERS[hf_class] = Converter(hf_class, config, plan)
         return plan
 
     return wrap

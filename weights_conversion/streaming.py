@@ -1,8 +1,8 @@
 """Conversion without a second copy: an HF checkpoint's safetensors shards are read tensor by tensor, converted by
-the plan and either placed in a hooked model built on the meta device (`load_checkpoint`) or written to hooked_vlm's
-own format (`convert_checkpoint`). Tensors kept as stored are views of the memory-mapped shards; the rest are made
-one recipe at a time, and the pages they were read from released. Peak memory is about the weights in the target
-dtype when loading, and a few tensors when converting."""
+the plan and either placed in a hooked model built on the meta device (`hooked_vlm.loading`) or written to
+hooked_vlm's own format (`convert_checkpoint`). Tensors kept as stored are views of the memory-mapped shards; the
+rest are made one recipe at a time, and the pages they were read from released. Peak memory is about the weights in
+the target dtype when loading, and a few tensors when converting."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from hooked_vlm import serialization
 from hooked_vlm.arguments import as_dtype
+from hooked_vlm.configs import HOOKED_CLASSES
 from hooked_vlm.shards import Entry
 
 from .checkpoint import HFCheckpoint, resolve
@@ -30,42 +31,6 @@ def plan_checkpoint(ckpt: HFCheckpoint, where: str = "plan_checkpoint()", **opti
         if not ckpt.same_tensor(alias, target) and not torch.equal(ckpt.read(alias), ckpt.read(target)):
             raise ValueError(f"{ckpt.folder}: {alias} was expected to be tied to {target}, but they differ")
     return cfg, plan
-
-
-def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, device_map: Any = None,
-                    max_memory: dict[Any, int | str] | None = None, offload_dir: str | os.PathLike | None = None,
-                    where: str = "load_checkpoint()", **options: Any):
-    """A hooked model straight from an HF checkpoint folder with safetensors weights (no transformers model is
-    built, except on the meta device to learn its names); `dtype` None keeps the checkpoint's, as HF's "auto"."""
-    from hooked_vlm.models.base import load_converted
-    from hooked_vlm.placement import device_for, dispatch, resolve_device_map
-
-    dtype = as_dtype(dtype)
-    with HFCheckpoint(folder) as ckpt:
-        cfg, plan = plan_checkpoint(ckpt, where, **options)
-        dtype = dtype or ckpt.default_dtype()
-        with torch.device("meta"):
-            model = ckpt.converter.model_class(cfg)
-        if device_map is not None:
-            device_map = resolve_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
-        state, viewed = {}, set()
-        for name in plan.recipes:
-            target = device_for(name, device_map) if device_map is not None else device
-            t = ckpt.build(plan.recipes[name], dtype, target or "cpu")
-            if t.device.type == "cpu":  # one stored tensor viewed by two parameters (T5's shared embedding in both
-                ptr = t.untyped_storage().data_ptr()  # stacks): each parameter gets memory of its own, as in from_hf
-                t = t.clone() if ptr in viewed else t
-                viewed.add(ptr)
-            state[name] = t
-        load_converted(model, state, source=str(ckpt.folder))
-        model.hf_origin = serialization.HFOrigin.of(ckpt.converter.hf_class, ckpt.config,
-                                                    {k: ckpt.read(k, dtype) for k in plan.unused})
-    model.processor = serialization.load_processor(Path(folder))
-    model.eval()
-    if device_map is not None:
-        return dispatch(model, device_map, offload_dir=offload_dir)
-    return model.to(device=device)
 
 
 def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -97,13 +62,13 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
         unused = [entry(k, [k], tuple(shapes[k].shape), lambda k=k: ckpt.read(k, dtype)) for k in plan.unused]
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # only for a progress bar: the library itself never needs tqdm
 
             bar = tqdm(total=sum(e.nbytes for e in entries + unused), unit="B", unit_scale=True,
                        desc=f"converting {Path(str(source)).name}")
         try:
             out = serialization.write_checkpoint(
-                out_dir, model_class=ckpt.converter.model_class.__name__, cfg=cfg, entries=entries,
+                out_dir, model_class=HOOKED_CLASSES[ckpt.converter.hf_class], cfg=cfg, entries=entries,
                 hf_origin=serialization.HFOrigin.of(ckpt.converter.hf_class, ckpt.config), unused=unused,
                 processor=serialization.load_processor(folder), shard_bytes=shard_bytes, overwrite=overwrite,
                 progress=(lambda e: bar.update(e.nbytes)) if bar is not None else None, sources=[folder])

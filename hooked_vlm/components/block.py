@@ -1,6 +1,6 @@
 """A transformer block: self-attention, optional cross-attention, MLP, each added to the residual stream.
 
-    pre-LN (ViT, CLIP, Llama, T5)             post-LN (BERT-style BLIP text towers, Q-Former)
+    pre-LN (ViT, CLIP, Llama, T5)             post-LN (BERT-style text towers)
     x ── ln1 ── attn ──(+)── resid_mid        x ── attn ──(+)── ln_attn ── resid_mid
     resid_mid ── ln_cross ── cross ──(+)      resid_mid ── cross ──(+)── ln_cross ── resid_mid_cross
     ── ln2 ── mlp ──(+)── resid_post          ── mlp ──(+)── ln_mlp ── resid_post
@@ -8,9 +8,9 @@
 Sub-layer outputs (`hook_attn_out`, `hook_cross_attn_out`, `hook_mlp_out`) are what is added to the stream, in
 both layouts; in a post-LN block the stream hooks hold the normalised stream that the next sub-layer reads.
 
-Q-Former variant (`n_query`): only the first n_query tokens go through the cross-attention (`hook_cross_attn_out`
-[B, n_query, D]; `hook_resid_mid_cross` is the whole stream, the other rows unchanged), and the tokens after them go
-through a second MLP `mlp_text` and its own norm (`ln_mlp_text`); `hook_mlp_out` holds both MLPs' outputs.
+A tower whose block routes rows differently subclasses `Block` and overrides `build_mlp` (the modules of the MLP
+sub-layer, registered in execution order), `cross_sublayer` and `mlp_sublayer`; the residual wiring (`residual`)
+and the hook points stay the same.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -27,8 +26,6 @@ from ..hooks import HookPoint
 from .attention import Attention, AttnConfig, LayerKV
 from .mlp import MLP, MLPConfig
 from .norms import NormConfig, make_norm
-
-NORM_NAMES = {"pre": ("ln1", "ln_cross", "ln2"), "post": ("ln_attn", "ln_cross", "ln_mlp")}
 
 
 @dataclass
@@ -39,9 +36,9 @@ class BlockConfig:
     norm: NormConfig
     layout: Literal["pre", "post"] = "pre"
     cross_attn: AttnConfig | None = None  # None: the block has no cross-attention
-    # Q-Former: the first `n_query` tokens (the learned queries) alone cross-attend and go through `mlp`; the tokens
-    # after them (the instruction) go through a second MLP `mlp_text` with its own norm. None: one MLP for all.
-    n_query: int | None = None
+    # True: a forward without the attended sequence skips the cross-attention (a tower that runs its blocks both
+    # with and without one declares this); False: a missing `kv_input` is an error
+    cross_attn_optional: bool = False
 
 
 @dataclass
@@ -55,22 +52,21 @@ class BlockKV:
 class Block(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
-        if cfg.layout not in NORM_NAMES:
+        if cfg.layout not in ("pre", "post"):
             raise ValueError(f"block layout must be 'pre' or 'post', got {cfg.layout!r}")
         self.cfg = cfg
         self.pre_norm = cfg.layout == "pre"
         D = cfg.d_model
-        attn_norm, cross_norm, mlp_norm = NORM_NAMES[cfg.layout]
-
+        # registration order = execution order = hook_dict order
         self.hook_resid_pre = HookPoint()  # [B, T, D]
         if self.pre_norm:
-            setattr(self, attn_norm, make_norm(D, cfg.norm))
+            self.ln1 = make_norm(D, cfg.norm)
         self.attn = Attention(D, cfg.attn)
         self.hook_attn_out = HookPoint()  # [B, T, D]
         if not self.pre_norm:
-            setattr(self, attn_norm, make_norm(D, cfg.norm))
+            self.ln_attn = make_norm(D, cfg.norm)
         self.hook_resid_mid = HookPoint()  # [B, T, D]
-        if cfg.cross_attn is not None:  # registration order = execution order = hook_dict order
+        if cfg.cross_attn is not None:
             if self.pre_norm:
                 self.ln_cross = make_norm(D, cfg.norm)
             self.cross_attn = Attention(D, cfg.cross_attn)
@@ -78,22 +74,18 @@ class Block(nn.Module):
             if not self.pre_norm:
                 self.ln_cross = make_norm(D, cfg.norm)
             self.hook_resid_mid_cross = HookPoint()  # [B, T, D]
-        if self.pre_norm:
-            setattr(self, mlp_norm, make_norm(D, cfg.norm))
-        self.mlp = MLP(D, cfg.mlp)
-        if cfg.n_query is not None:
-            if self.pre_norm:
-                setattr(self, mlp_norm + "_text", make_norm(D, cfg.norm))
-            self.mlp_text = MLP(D, cfg.mlp)
-        self.hook_mlp_out = HookPoint()  # [B, T, D]: both MLPs' outputs, in sequence order
-        if not self.pre_norm:
-            setattr(self, mlp_norm, make_norm(D, cfg.norm))
-            if cfg.n_query is not None:
-                setattr(self, mlp_norm + "_text", make_norm(D, cfg.norm))
+        self.build_mlp()
         self.hook_resid_post = HookPoint()  # [B, T, D]
-        # plain tuple: the norms stay registered under their layout's names only
-        self._norms = (getattr(self, attn_norm), getattr(self, "ln_cross", None), getattr(self, mlp_norm),
-                       getattr(self, mlp_norm + "_text", None))
+
+    def build_mlp(self) -> None:
+        """The MLP sub-layer's modules: its norm, `mlp`, `hook_mlp_out`, in execution order."""
+        D = self.cfg.d_model
+        if self.pre_norm:
+            self.ln2 = make_norm(D, self.cfg.norm)
+        self.mlp = MLP(D, self.cfg.mlp)
+        self.hook_mlp_out = HookPoint()  # [B, T, D]
+        if not self.pre_norm:
+            self.ln_mlp = make_norm(D, self.cfg.norm)
 
     def forward(
         self,
@@ -107,52 +99,47 @@ class Block(nn.Module):
         cross_pos_bias: Tensor | None = None,
         past: BlockKV | None = None,
     ) -> Float[Tensor, "B T D"]:
-        """`kv_input` is the sequence the cross-attention reads. Without it, and with nothing cached in `past`, the
-        cross-attention is skipped, as HF's BLIP text layer does when it gets no encoder states."""
-        attn_norm, cross_norm, _, _ = self._norms
+        """`kv_input` is the sequence the cross-attention reads (once `past` holds its keys, it may be omitted).
+        Without either, a block with `cross_attn_optional` skips its cross-attention (as HF's BLIP text layer does
+        when it gets no encoder states); any other block with a cross-attention raises."""
         resid = self.hook_resid_pre(x)
-        resid = self._sublayer(
-            resid, attn_norm, self.hook_attn_out, self.hook_resid_mid,
+        attn_norm = self.ln1 if self.pre_norm else self.ln_attn
+        resid = self.hook_resid_mid(self.residual(
+            resid, attn_norm, self.hook_attn_out,
             lambda h: self.attn(h, mask=mask, rotary=rotary, pos_bias=pos_bias, past=past and past.attn),
-        )
-        has_cross_kv = kv_input is not None or (past is not None and past.cross_attn.k is not None)
-        if self.cfg.cross_attn is not None and has_cross_kv:
+        ))
+        if self.cfg.cross_attn is not None and self._has_cross_input(kv_input, past):
             def cross(h: Tensor) -> Tensor:
                 return self.cross_attn(h, kv_input, mask=kv_mask, pos_bias=cross_pos_bias,
                                        past=past and past.cross_attn)
 
-            n = self.cfg.n_query
-            if n is None:
-                resid = self._sublayer(resid, cross_norm, self.hook_cross_attn_out, self.hook_resid_mid_cross, cross)
-            else:  # only the queries read the image (hook_cross_attn_out: [B, n_query, D]); the rest pass through
-                queries = self._sublayer(resid[:, :n], cross_norm, self.hook_cross_attn_out, _identity, cross)
-                resid = self.hook_resid_mid_cross(torch.cat([queries, resid[:, n:]], dim=1))
-        return self._sublayer(resid, self._mlp_norm, self.hook_mlp_out, self.hook_resid_post, self._mlp)
+            resid = self.hook_resid_mid_cross(self.cross_sublayer(resid, cross))
+        return self.hook_resid_post(self.mlp_sublayer(resid))
 
-    def _sublayer(self, resid: Tensor, norm: Callable[[Tensor], Tensor], out_hook: HookPoint,
-                  resid_hook: Callable[[Tensor], Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def _has_cross_input(self, kv_input: Tensor | None, past: BlockKV | None) -> bool:
+        if kv_input is not None or (past is not None and past.cross_attn.k is not None):
+            return True
+        if self.cfg.cross_attn_optional:
+            return False
+        raise ValueError("this block has a cross-attention but was given nothing to attend to: pass kv_input (the "
+                         "sequence it reads); a tower that runs without one declares BlockConfig.cross_attn_optional")
+
+    def residual(self, resid: Tensor, norm: Callable[[Tensor], Tensor], out_hook: HookPoint,
+                 fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """One sub-layer added to the stream: pre-LN `resid + fn(norm(resid))`, post-LN `norm(resid + fn(resid))`;
+        `out_hook` sees what is added."""
         if self.pre_norm:
-            return resid_hook(resid + out_hook(fn(norm(resid))))
-        return resid_hook(norm(resid + out_hook(fn(resid))))
+            return resid + out_hook(fn(norm(resid)))
+        return norm(resid + out_hook(fn(resid)))
 
-    def _mlp_norm(self, x: Tensor) -> Tensor:
-        if self.cfg.n_query is None:
-            return self._norms[2](x)
-        return _split(x, self.cfg.n_query, self._norms[2], self._norms[3])
+    def cross_sublayer(self, resid: Float[Tensor, "B T D"],
+                       cross: Callable[[Tensor], Tensor]) -> Float[Tensor, "B T D"]:
+        """The stream after the cross-attention (`cross`: queries in, attention output out)."""
+        return self.residual(resid, self.ln_cross, self.hook_cross_attn_out, cross)
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        if self.cfg.n_query is None:
-            return self.mlp(x)
-        return _split(x, self.cfg.n_query, self.mlp, self.mlp_text)
+    def mlp_sublayer(self, resid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+        """The stream after the MLP."""
+        return self.residual(resid, self.ln2 if self.pre_norm else self.ln_mlp, self.hook_mlp_out, self.mlp)
 
     def new_kv(self) -> BlockKV:
         return BlockKV(LayerKV(), LayerKV())
-
-
-def _split(x: Tensor, n: int, first: Callable[[Tensor], Tensor], rest: Callable[[Tensor], Tensor]) -> Tensor:
-    """`first` on the first n tokens, `rest` on the others, back in sequence order."""
-    return torch.cat([first(x[:, :n]), rest(x[:, n:])], dim=1)
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x

@@ -1,10 +1,9 @@
-"""`HookedVLM`: the root class of every hooked model, and its loaders."""
+"""`HookedVLM`: the root class of every hooked model; its loaders delegate to `hooked_vlm.loading`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,12 +11,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import loading
+from ..arguments import keyword_names
 from ..cache import ActivationCache
 from ..components import Attention, Block
 from ..components.kv_cache import KVCache
-from ..hooks import HookedRootModule, HookSpec, PerCall
+from ..hooks import HookedRootModule, HookSpec
 from ..positions import Positions
+from ..tl_config import TLConfig, tl_config
+from ..tokens import TokenMethods
 from ..towers.base import Tower
+from .generation import sampling_rule
+from .inputs import check_generate_keywords, processor_output_positional
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class TowerInfo:
     has_cross_attn: tuple[bool, ...]  # per layer
 
 
-class HookedVLM(HookedRootModule):
+class HookedVLM(TokenMethods, HookedRootModule):  # TokenMethods: to_tokens, to_str_tokens, ... (tokens.py)
     """A vision-language model whose every residual stream, attention pattern and head is a named hook point.
 
     Load one with `HookedVLM.from_pretrained(name_or_path)` or `HookedVLM.from_hf(hf_model)`; call it with the HF
@@ -40,14 +45,17 @@ class HookedVLM(HookedRootModule):
 
     tower_names: tuple[str, ...] = ()
     processor: Any = None
-    # where the last forward's prompt put its tokens; per thread (`PerCall`), so that a cache is never labelled with
-    # the positions of another thread's prompt
-    last_positions: PerCall[Positions | None] = PerCall(None)
     image_embeddings_hook: str = ""  # where the image enters the text side (causal tracing noises it)
-    prompt_tower: str = ""  # the tower reading the prompt's tokens: the sequence `last_positions` describes
+    # the tower reading the prompt's tokens: the sequence `positions(**inputs)` (each model's pure function of the
+    # inputs, which labels a cache as `cache.positions`) describes
+    prompt_tower: str = ""
     output_tower: str = ""  # the tower whose head predicts tokens (logit lens), if any
     prompt_template: str = "{question}"  # how the family's checkpoints expect a question (the CLI applies it)
     hf_origin: Any = None  # serialization.HFOrigin: the HF class, config and unused tensors, for `to_hf`
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        loading.register_model(cls)  # a checkpoint names its class: the loader finds it without importing the models
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -60,33 +68,8 @@ class HookedVLM(HookedRootModule):
         `options` are model switches: `mask_cross_attention` (BLIP), `hf_positions` (LLaVA, InstructBLIP); any
         other is a TypeError. `dtype` is a float torch dtype or its name ("bfloat16").
         """
-        from weights_conversion import CONVERTERS, converter_for
-
-        from ..arguments import as_dtype
-        from ..serialization import HFOrigin, apply_switches
-
-        if not isinstance(hf_model, nn.Module):  # checked first: a class name string would find a converter
-            raise TypeError(f"from_hf() takes a live transformers model ({', '.join(sorted(CONVERTERS))}), got a "
-                            f"{type(hf_model).__name__}; for a hub id or a folder use HookedVLM.from_pretrained")
-        converter = converter_for(hf_model)  # an unsupported class: a ValueError listing the supported ones
-        dtype = as_dtype(dtype)
-        # a switch this model does not have (or a typo of one of from_hf's keywords) is a TypeError naming the closest
-        cfg = apply_switches(converter.config(hf_model.config), options, f"from_hf() of {converter.hf_class}",
-                             also=("processor", "device", "dtype", "share_weights"))
-        with torch.device("meta"):
-            model = converter.model_class(cfg)
-        hf_state = hf_model.state_dict()
-        plan = converter.plan(hf_state, cfg)
-        state = plan.apply(hf_state)
-        unused = {k: hf_state[k].detach().to("cpu") for k in plan.unused}
-        if not share_weights:
-            hf_storage = {t.untyped_storage().data_ptr() for t in hf_state.values()}
-            state = {k: t.clone() if t.untyped_storage().data_ptr() in hf_storage else t for k, t in state.items()}
-            unused = {k: t.clone() for k, t in unused.items()}
-        load_converted(model, state, source=type(hf_model).__name__)
-        model.hf_origin = HFOrigin.of(converter.hf_class, hf_model.config, unused)
-        model.processor = processor
-        return model.to(device=device, dtype=dtype).eval()
+        return loading.from_hf(hf_model, processor=processor, device=device, dtype=dtype, share_weights=share_weights,
+                               **options)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: torch.device | str | None = None,
@@ -111,51 +94,10 @@ class HookedVLM(HookedRootModule):
         `options` are model switches, as in `from_hf`, for every source (a hooked folder's saved switches are
         replaced); a switch the model does not have is a TypeError.
         """
-        from weights_conversion.checkpoint import NoSafetensors, hf_class, resolve
-        from weights_conversion.streaming import load_checkpoint
-
-        from .. import serialization
-        from ..arguments import as_dtype, keyword_names, reject_unknown
-        from ..placement import dispatch, resolve_device_map
-
-        where = "HookedVLM.from_pretrained()"
-        # a typo is refused before any work; a switch of another family is refused once the model's config is read
-        reject_unknown(options, [*serialization.MODEL_SWITCHES, *keyword_names(cls.from_pretrained)], where)
-        dtype = as_dtype(dtype)
-        placement = {"device_map": device_map, "max_memory": max_memory, "offload_dir": offload_dir}
-        serialization.recover(name_or_path)  # a save killed between its two renames: the old checkpoint comes back
-        if serialization.is_hooked_checkpoint(name_or_path):  # hooked_vlm's own format: no transformers model
-            resolve(name_or_path, cache_dir=cache_dir, revision=revision)  # refuses hub options for a folder
-            return serialization.load(name_or_path, device=device, dtype=dtype, **placement, options=options,
-                                      where=where)
-        folder = resolve(name_or_path, local_files_only=local_files_only, cache_dir=cache_dir, revision=revision)
-        try:
-            return load_checkpoint(folder, dtype=dtype, device=device, **placement, where=where, **options)
-        except NoSafetensors:  # pickle weights: only through transformers' own (safe) loader
-            pass
-        from transformers import AutoConfig
-
-        from weights_conversion import converter_for
-
-        config = AutoConfig.from_pretrained(folder)
-        architecture = hf_class(config, str(name_or_path))
-        # the switches are checked before the weights are read (from_hf would check them only after)
-        serialization.apply_switches(converter_for(architecture.__name__).config(config), options, where)
-        kw = {"local_files_only": local_files_only, "cache_dir": cache_dir, "revision": revision}
-        try:
-            hf_model = architecture.from_pretrained(name_or_path if not os.path.isdir(name_or_path) else folder,
-                                                    dtype=dtype or "auto", **kw)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # a broken or refused pickle
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{folder} has no safetensors weights and transformers could not load its other "
-                             f"weights ({first}); convert them to model.safetensors") from e
-        model = cls.from_hf(hf_model.eval(), processor=serialization.load_processor(folder),
-                            device=None if device_map else device, dtype=dtype, share_weights=True, **options)
-        del hf_model
-        if device_map is None:
-            return model
-        device_map = resolve_device_map(model, device_map, dtype=model.dtype, max_memory=max_memory)
-        return dispatch(model, device_map, offload_dir=offload_dir)
+        return loading.from_pretrained(name_or_path, device=device, dtype=dtype, device_map=device_map,
+                                       max_memory=max_memory, offload_dir=offload_dir,
+                                       local_files_only=local_files_only, cache_dir=cache_dir, revision=revision,
+                                       **options)
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         overwrite: bool = False):
@@ -164,22 +106,16 @@ class HookedVLM(HookedRootModule):
         torch dtype or its name (None: as the model is). `overwrite=True` replaces an empty folder or a hooked_vlm
         checkpoint holding only what hooked_vlm wrote, and nothing else (never the working or home folder); the
         new folder is written beside the old and swapped in, so `out_dir` is never left without a whole checkpoint."""
-        from .. import serialization
-
-        return serialization.save(self, out_dir, dtype=dtype, overwrite=overwrite)
+        return loading.save_pretrained(self, out_dir, dtype=dtype, overwrite=overwrite)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights as the HF model's state dict (every key): the conversion run backwards, exact."""
-        from weights_conversion.export import hf_state_dict
-
-        return hf_state_dict(self)
+        return loading.hf_state_dict(self)
 
     def to_hf(self):
         """A transformers model with this model's current weights (edits included), for use in any HF tool.
         HF -> hooked -> HF gives back the original weights bit for bit."""
-        from weights_conversion.export import to_hf
-
-        return to_hf(self)
+        return loading.to_hf(self)
 
     # ------------------------------------------------------------------ introspection
     def tower(self, name: str) -> nn.Module:
@@ -293,49 +229,44 @@ class HookedVLM(HookedRootModule):
         return next(self.parameters()).dtype
 
     # ------------------------------------------------------------------ generation
+    @processor_output_positional  # generate(inputs) as generate(**inputs)
     @torch.no_grad()
-    def generate(self, *, max_new_tokens: int = 20, do_sample: bool = False, fwd_hooks: Iterable[HookSpec] = (),
-                 **inputs: Any) -> torch.Tensor:
-        """Greedy generation with a KV cache; `fwd_hooks` are active at every step (the prompt's forward and each
-        new token's). Inputs are never modified.
+    def generate(self, *, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = 50, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 fwd_hooks: Iterable[HookSpec] = (), **inputs: Any) -> torch.Tensor:
+        """Greedy search, or with `do_sample=True` multinomial sampling, with a KV cache; `fwd_hooks` are active at
+        every step (the prompt's forward and each new token's). Inputs are never modified.
 
-        `inputs` are the processor's output, and `eos_token_id` / `pad_token_id` to override the model's. Sampling
-        and beam options (temperature=, num_beams=, ...) and unknown keywords are a TypeError.
+        Sampling is HF's (`generate(do_sample=True, ...)`, transformers 5.x), with HF's defaults: the logits divided
+        by `temperature`, then top-k (`top_k`, default 50 as HF; 0 or None: off), then top-p (`top_p`, 1.0: off),
+        then one draw per step from torch's global random state, or from `generator` if given. With
+        `torch.manual_seed(s)` before each call, hooked_vlm and HF give the same tokens. See `generation.Sampler`.
+
+        `inputs` are the processor's output, and `eos_token_id` / `pad_token_id` to override the model's. Beam
+        search and other options (num_beams=, repetition_penalty=, ...), sampling options without
+        `do_sample=True`, and unknown keywords are errors.
         """
-        from ..arguments import keyword_names
-        from .inputs import check_generate_keywords
-
         if type(self)._generate is HookedVLM._generate:
             raise TypeError(f"{type(self).__name__} does not generate text")
-        check_generate_keywords(inputs, ("max_new_tokens", "do_sample", "fwd_hooks", *keyword_names(self._generate)))
-        if do_sample:
-            raise ValueError("hooked_vlm generates greedily: pass do_sample=False (sampling is not supported)")
+        accepted = set(keyword_names(self._generate)) - {"pick"}  # `pick` is set here, from the sampling options
+        check_generate_keywords(inputs, ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "generator",
+                                         "fwd_hooks", *accepted))
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        pick = sampling_rule(do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         with self.hooks(fwd_hooks):
-            return self._generate(max_new_tokens=max_new_tokens, **inputs)
+            return self._generate(max_new_tokens=max_new_tokens, pick=pick, **inputs)
 
     def _generate(self, *, max_new_tokens: int, **inputs: Any) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} does not generate text")
 
-
-def load_converted(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load converted weights into a model built on the meta device, checking every name and shape first.
-
-    Nothing is ever left uninitialised: a missing, unexpected or mis-shaped tensor is an error naming it.
-    """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: converted {tuple(state[k].shape)}, model expects {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {missing}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected}")
-    if wrong:
-        problems.append(f"mis-shaped {wrong}")
-    if problems:
-        raise ValueError(f"converting {source}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True, assign=True)
+    # ------------------------------------------------------------------ TransformerLens views
+    def cfg_of(self, tower: str) -> TLConfig:
+        """Tower `tower`'s configuration in TransformerLens's names (`n_layers`, `d_model`, `n_heads`, `d_head`,
+        `d_mlp`, `d_vocab`, `act_fn`, `normalization_type`, ...): a frozen `tl_config.TLConfig`. Its stacked
+        weights and circuits are on the tower itself: `model.tower(tower).W_Q`, `.OV` (`hooked_vlm.weights`)."""
+        target = self.towers().get(tower)
+        if target is None:
+            raise KeyError(f"no tower {tower!r} with blocks; towers: {', '.join(self.towers())}")
+        origin = self.hf_origin
+        return tl_config(target, tower, origin.hf_class if origin is not None else None)

@@ -9,7 +9,6 @@ answer decoder attends to the question's pad tokens as well. `mask_cross_attenti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,29 +16,20 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ..components.kv_cache import KVCache
+from ..arguments import keyword_names, reject_unknown
+from ..configs import BlipConfig
 from ..positions import Positions
+from ..tokens import TokenLayout
 from ..towers.bert import TextConfig, TextTower
 from ..towers.vit import VisionConfig, VisionTower
 from .base import HookedVLM
-from .generation import greedy_decode
+from .generation import Pick, decode, decoding_step, greedy
 from .inputs import check_batch, check_ids, check_mask, check_pixels, strict_forward
-
-
-@dataclass
-class BlipConfig:
-    vision: VisionConfig
-    text_encoder: TextConfig | None  # VQA and ITM
-    text_decoder: TextConfig | None  # captioning and VQA
-    bos_token_id: int  # [DEC]: the decoder's first token
-    pad_token_id: int
-    sep_token_id: int  # ends a generated text
-    itm_dim: int | None = None  # ITM: width of the image-text projections
-    mask_cross_attention: bool = False  # False reproduces HF 5.23 (mask ignored)
 
 
 class _Blip(HookedVLM):
     image_embeddings_hook = "vision.ln_post.hook_normalized"  # every vision token, as the text towers read them
+    prompt_name = ""  # what the prompt is, for error messages
 
     def __init__(self, cfg: BlipConfig):
         super().__init__()
@@ -57,12 +47,27 @@ class _Blip(HookedVLM):
         ids = check_ids(ids, name, cfg.d_vocab, cfg.n_ctx)
         return ids, check_mask(mask, ids, mask_name, name)
 
-    def _prompt(self, input_ids: Tensor | None, attention_mask: Tensor | None, what: str) -> tuple[Tensor, Tensor]:
+    def _prompt(self, input_ids: Tensor | None, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         if input_ids is None:
-            raise ValueError(f"input_ids is missing: pass the {what} tokenized by model.processor")
-        input_ids, attention_mask = self._tokens(input_ids, attention_mask, self.prompt_tower)
-        self.last_positions = Positions(input_ids, attention_mask)
-        return input_ids, attention_mask
+            raise ValueError(f"input_ids is missing: pass the {self.prompt_name} tokenized by model.processor")
+        return self._tokens(input_ids, attention_mask, self.prompt_tower)
+
+    def positions(self, pixel_values: Float[Tensor, "B 3 H W"] | None = None,
+                  input_ids: Int[Tensor, "B T"] | None = None, attention_mask: Int[Tensor, "B T"] | None = None,
+                  **others: Any) -> Positions:
+        """Where the prompt's tokens are (what `prompt_tower` reads: the caption prompt, the question or the text),
+        per example; no image spans, since BLIP's image enters by cross-attention.
+
+        A pure function of the inputs (forward's, the prompt checked as forward checks it): it runs no tower and
+        leaves nothing on the model, so it holds for any call, thread or resumed run with these inputs.
+        `run_with_cache` labels its cache with it (`cache.positions`).
+        """
+        reject_unknown(others, keyword_names(self.forward), f"{type(self).__name__}.positions()")
+        return Positions(*self._prompt(input_ids, attention_mask))
+
+    def token_layout(self) -> TokenLayout:
+        """No image placeholders (the image enters by cross-attention); the prompt tower's learned positions."""
+        return TokenLayout(n_ctx=getattr(self, self.prompt_tower).cfg.n_ctx)
 
     def _stop_tokens(self, eos_token_id: int | list[int] | None, pad_token_id: int | None) -> dict[str, Any]:
         """The end ([SEP]) and pad tokens of generation, unless overridden, as in HF's generate."""
@@ -81,6 +86,7 @@ class HookedBlipCaptioning(_Blip):
 
     tower_names = ("vision", "text_decoder")
     prompt_tower = output_tower = "text_decoder"
+    prompt_name = "caption prompt"
 
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
@@ -92,7 +98,7 @@ class HookedBlipCaptioning(_Blip):
                 ) -> Float[Tensor, "B T V"]:
         """Caption logits for every position of `input_ids` (as HF's forward: the prompt's first token is used as
         given, `[CLS]` from the processor; HF's generate replaces it by `[DEC]`)."""
-        input_ids, attention_mask = self._prompt(input_ids, attention_mask, "caption prompt")
+        input_ids, attention_mask = self._prompt(input_ids, attention_mask)
         self._check_batch(pixel_values, input_ids)
         image = self.vision(pixel_values)
         resid = self.text_decoder(input_ids, attention_mask, kv_input=image)
@@ -100,8 +106,9 @@ class HookedBlipCaptioning(_Blip):
 
     def _generate(self, *, max_new_tokens: int, pixel_values: Tensor | None = None,
                   input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
-        """Greedy captioning, from `[DEC]` alone or continuing a prompt (right-padded prompts as HF pads them)."""
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                  pick: Pick = greedy) -> Tensor:
+        """Captioning, from `[DEC]` alone or continuing a prompt (right-padded prompts as HF pads them)."""
         if input_ids is None:
             check_pixels(pixel_values, self.vision)
             ids = torch.full((pixel_values.shape[0], 1), self.cfg.bos_token_id, dtype=torch.long,
@@ -119,14 +126,8 @@ class HookedBlipCaptioning(_Blip):
             mask = attention_mask[:, :-1].clone()
         self._check_batch(pixel_values, ids)
         image = self.vision(pixel_values)
-        past = KVCache.for_tower(self.text_decoder)
-        self.last_positions = Positions(ids, mask if mask is not None else torch.ones_like(ids))
-
-        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            resid = self.text_decoder(new_ids, mask, positions=positions, kv_input=image, past=past)
-            return self.text_decoder.logits(resid[:, -1:])[:, -1]
-
-        return greedy_decode(step, ids, mask, max_new_tokens, **self._stop_tokens(eos_token_id, pad_token_id))
+        step = decoding_step(self.text_decoder, position_key="positions", kv_input=image)
+        return decode(step, ids, mask, max_new_tokens, pick=pick, **self._stop_tokens(eos_token_id, pad_token_id))
 
 
 class HookedBlipVQA(_Blip):
@@ -134,6 +135,7 @@ class HookedBlipVQA(_Blip):
 
     tower_names = ("vision", "text_encoder", "text_decoder")
     prompt_tower, output_tower = "text_encoder", "text_decoder"
+    prompt_name = "question"
 
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
@@ -142,7 +144,7 @@ class HookedBlipVQA(_Blip):
     def _question(self, pixel_values: Tensor | None, input_ids: Tensor | None,
                   attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Checked question ids and mask."""
-        input_ids, attention_mask = self._prompt(input_ids, attention_mask, "question")
+        input_ids, attention_mask = self._prompt(input_ids, attention_mask)
         self._check_batch(pixel_values, input_ids)
         return input_ids, attention_mask
 
@@ -180,19 +182,14 @@ class HookedBlipVQA(_Blip):
 
     def _generate(self, *, max_new_tokens: int, pixel_values: Tensor | None = None,
                   input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
-        """Greedy answer to the question, from `[DEC]`."""
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                  pick: Pick = greedy) -> Tensor:
+        """The answer to the question, from `[DEC]`."""
         question, question_mask = self.encode_question(pixel_values, input_ids, attention_mask)
         kv_mask = question_mask if self.cfg.mask_cross_attention else None
         ids = torch.full((question.shape[0], 1), self.cfg.bos_token_id, dtype=torch.long, device=question.device)
-        past = KVCache.for_tower(self.text_decoder)
-
-        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            resid = self.text_decoder(new_ids, mask, positions=positions, kv_input=question, kv_mask=kv_mask,
-                                      past=past)
-            return self.text_decoder.logits(resid[:, -1:])[:, -1]
-
-        return greedy_decode(step, ids, None, max_new_tokens, **self._stop_tokens(eos_token_id, pad_token_id))
+        step = decoding_step(self.text_decoder, position_key="positions", kv_input=question, kv_mask=kv_mask)
+        return decode(step, ids, None, max_new_tokens, pick=pick, **self._stop_tokens(eos_token_id, pad_token_id))
 
 
 class HookedBlipITM(_Blip):
@@ -200,6 +197,7 @@ class HookedBlipITM(_Blip):
 
     tower_names = ("vision", "text_encoder")
     prompt_tower = "text_encoder"
+    prompt_name = "text"
 
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
@@ -216,7 +214,7 @@ class HookedBlipITM(_Blip):
         """`use_itm_head=True`: match logits [B, 2] (index 1 = match) from the text encoder reading the image.
         `False`: cosine similarities [B_images, B_texts] of the projected class tokens, the text encoded without
         cross-attention, as HF computes them (no temperature)."""
-        input_ids, attention_mask = self._prompt(input_ids, attention_mask, "text")
+        input_ids, attention_mask = self._prompt(input_ids, attention_mask)
         if use_itm_head:
             self._check_batch(pixel_values, input_ids)
         else:  # similarities of every image with every text: the batches may differ

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..arguments import strict
+from ..hooks import model_inputs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,9 +36,10 @@ REFUSED_BY_FORWARD: dict[str, str] = {
     "interpolate_pos_encoding": "images run at the model's own size; resize them with model.processor",
 }
 
-# Keywords of HF's generate that hooked_vlm's greedy decoding does not implement.
+# Keywords of HF's generate that hooked_vlm's decoding (greedy, or sampling with temperature, top-k and top-p) does
+# not implement.
 REFUSED_BY_GENERATE: frozenset[str] = frozenset({
-    "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "num_beams",
+    "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "num_beams",
     "num_beam_groups", "num_return_sequences", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
     "diversity_penalty", "penalty_alpha", "early_stopping", "bad_words_ids", "force_words_ids", "min_length",
     "min_new_tokens", "max_length", "generation_config", "logits_processor", "stopping_criteria", "streamer",
@@ -47,16 +49,30 @@ REFUSED_BY_GENERATE: frozenset[str] = frozenset({
 
 
 def strict_forward(fn: F) -> F:
-    """`arguments.strict` for a model's forward, saying what to do instead of HF-only keywords (labels=, ...)."""
+    """`arguments.strict` for a model's forward, saying what to do instead of HF-only keywords (labels=, ...); the
+    processor's output may come positionally (`model(inputs)`, as `model(**inputs)`)."""
     checked = strict(fn)
     name = f"{fn.__qualname__}()"
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs = model_inputs(args, kwargs, name)
         refused = sorted(kwargs.keys() & REFUSED_BY_FORWARD.keys())
         if refused:
             raise TypeError(f"{name} does not take {refused[0]}=: {REFUSED_BY_FORWARD[refused[0]]}")
-        return checked(*args, **kwargs)
+        return checked(self, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def processor_output_positional(fn: F) -> F:
+    """Let a method taking the processor's output as keywords also take it as one positional dict (`model.generate
+    (inputs)` as `model.generate(**inputs)`); anything else positional is a TypeError saying so."""
+    name = f"{fn.__name__}()"
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(self, **model_inputs(args, kwargs, name))
 
     return wrapper  # type: ignore[return-value]
 
@@ -70,14 +86,15 @@ def check_generate_keywords(given: Iterable[str], accepted: Iterable[str]) -> No
             continue
         takes = f"generate() takes {', '.join(accepted)}"
         if key in REFUSED_BY_GENERATE:
-            raise TypeError(f"generate() does not take {key}=: hooked_vlm decodes greedily (no sampling, beam search "
-                            f"or logits processors; the length is max_new_tokens); {takes}")
+            raise TypeError(f"generate() does not take {key}=: hooked_vlm decodes greedily or samples (do_sample=True "
+                            f"with temperature, top_k, top_p; no beam search or other logits processors; the length "
+                            f"is max_new_tokens); {takes}")
         close = difflib.get_close_matches(key, [*accepted, *REFUSED_BY_GENERATE], n=1, cutoff=0.6)
         hint = ""
         if close and close[0] in accepted:
             hint = f" (did you mean {close[0]!r}?)"
         elif close:
-            hint = f" (did you mean {close[0]!r}? hooked_vlm decodes greedily and does not take it)"
+            hint = f" (did you mean {close[0]!r}? hooked_vlm does not take it)"
         raise TypeError(f"generate() got an unexpected keyword argument {key!r}{hint}; {takes}")
 
 

@@ -13,42 +13,21 @@ HF's forward does (for LLaVA the two differ by about 1e-6, since the pads sit at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ..components.masks import generation_positions
 from ..components.mlp import ACTIVATIONS
+from ..configs import LlavaConfig
 from ..hooks import HookPoint
-from ..positions import ImageSpan, Positions
-from ..towers.llama import LlamaConfig, LlamaTower
-from ..towers.vit import VisionConfig, VisionTower
+from ..positions import ImageSpan, Positions, image_spans
+from ..tokens import TokenLayout
+from ..towers.vit import VisionTower
 from .base import HookedVLM
-from .generation import greedy_decode
-from .inputs import check_ids, check_mask, check_pixels, check_positions, refuse_right_padding, strict_forward
-
-
-@dataclass
-class LlavaConfig:
-    vision: VisionConfig  # only the blocks up to the deepest feature layer
-    lm: LlamaConfig
-    feature_layers: tuple[int, ...]  # per selected state, how many vision blocks produced it (0: the embeddings)
-    select: Literal["default", "full"]  # "default" drops the class token
-    image_token_id: int
-    projector_act: str = "gelu"
-    projector_bias: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    hf_positions: bool = False  # number positions 0..T-1 across pads, as HF's forward does
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.grid**2 + (1 if self.select == "full" else 0)
+from .generation import Pick, greedy
+from .inputs import check_pixels, strict_forward
+from .language_model import LMPrompt, language_model
 
 
 class Projector(nn.Module):
@@ -84,7 +63,9 @@ class HookedLlava(HookedVLM):
         self.vision = VisionTower(cfg.vision)
         self.projector = Projector(cfg.vision.d_model * len(cfg.feature_layers), cfg.lm.d_model, cfg.projector_act,
                                    cfg.projector_bias)
-        self.lm = LlamaTower(cfg.lm)
+        # the text side (image write-in, positions, logits, decoding); its tower is registered here as `lm`
+        self.language = language_model(cfg.lm, image_token_id=cfg.image_token_id, bos_token_id=cfg.bos_token_id)
+        self.lm = self.language.towers["lm"]
         self.setup()
 
     # ------------------------------------------------------------------ the image side
@@ -95,22 +76,32 @@ class HookedLlava(HookedVLM):
             features = features[:, 1:]  # drop the class token
         return self.projector(features)
 
-    def _check_inputs(self, input_ids: Tensor | None, pixel_values: Tensor | None,
-                      attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Checked input ids, attention mask (all ones if None) and placeholder mask [B, T]."""
+    def _patch_grid(self) -> tuple[Int[Tensor, "N"], Int[Tensor, "N"]]:
+        """Each image token's patch row and column (-1: the class token, first with `select="full"`)."""
+        grid = self.cfg.vision.grid
+        patch = torch.arange(grid * grid)
+        rows, cols = patch // grid, patch % grid
+        if self.cfg.select == "full":
+            rows, cols = torch.cat([torch.tensor([-1]), rows]), torch.cat([torch.tensor([-1]), cols])
+        return rows, cols
+
+    def token_layout(self) -> TokenLayout:
+        """As `LlavaProcessor`: each `<image>` of the text becomes one placeholder per image token, labelled by its
+        patch ("r,c"; "cls" for the class token)."""
+        labels = tuple("cls" if r < 0 else f"{r},{c}" for r, c in zip(*(t.tolist() for t in self._patch_grid())))
+        return TokenLayout(self.cfg.image_token_id, labels, expand_in_text=self.cfg.tokens_per_image)
+
+    def _check_inputs(self, input_ids: Tensor | None, pixel_values: Tensor | None, attention_mask: Tensor | None,
+                      position_ids: Tensor | None = None, generating: bool = False
+                      ) -> tuple[LMPrompt, list[list[ImageSpan]]]:
+        """The checked LM prompt and its image spans, after checking that placeholders and images match."""
         if input_ids is None:
             raise ValueError("input_ids is missing: pass the processor's output, e.g. model(**model.processor("
                              "images=image, text='USER: <image>\\nWhat is this? ASSISTANT:', return_tensors='pt'))")
-        input_ids = check_ids(input_ids, "input_ids", self.cfg.lm.d_vocab)
-        attention_mask = check_mask(attention_mask, input_ids, "attention_mask", "input_ids")
-        return input_ids, attention_mask, self._image_tokens(input_ids, pixel_values)
-
-    def _image_tokens(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """The placeholder mask [B, T], after checking that placeholders and images match."""
+        prompt = self.language.check(input_ids, attention_mask, position_ids=position_ids, generating=generating)
         if pixel_values is not None:
             check_pixels(pixel_values, self.vision)
-        is_image = input_ids == self.cfg.image_token_id
-        n_tokens, per_image = int(is_image.sum()), self.cfg.tokens_per_image
+        n_tokens, per_image = int(prompt.is_image.sum()), self.cfg.tokens_per_image
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if pixel_values is None and n_tokens:
             raise ValueError(f"the prompts hold {n_tokens} <image> tokens but no pixel_values were given; pass the "
@@ -120,31 +111,16 @@ class HookedLlava(HookedVLM):
                 f"the prompts hold {n_tokens} <image> tokens, but {n_images} image(s) need {per_image} each "
                 f"({n_images * per_image}); put one '<image>' per image in the text and build the inputs with "
                 "model.processor(images=..., text=...), which expands each into the image's tokens")
-        for b, row in enumerate(is_image.cpu()):  # one transfer; the spans are read on the CPU anyway
-            idx = torch.nonzero(row).flatten()
-            if len(idx) % per_image:
-                raise ValueError(f"example {b} holds {len(idx)} <image> tokens, not a multiple of the {per_image} "
-                                 "tokens of one image: each image's tokens must sit in one prompt")
-            runs = idx.view(-1, per_image) if len(idx) else idx.view(0, per_image)
-            if (runs[:, -1] - runs[:, 0] != per_image - 1).any():
+        for b, n in enumerate(prompt.is_image.sum(dim=1).tolist()):
+            if n % per_image:
+                raise ValueError(f"example {b} holds {n} <image> tokens, not a multiple of the {per_image} tokens "
+                                 "of one image: each image's tokens must sit in one prompt")
+        spans = image_spans(prompt.is_image, per_image, *self._patch_grid())
+        for b, row in enumerate(spans):
+            if any(span.stop - span.start != per_image for span in row):
                 raise ValueError(f"example {b}: the {per_image} <image> tokens of each image must be consecutive, "
                                  "as the processor writes them")
-        return is_image
-
-    def _positions(self, input_ids: Tensor, attention_mask: Tensor, is_image: Tensor) -> Positions:
-        """Image spans per example (per image, with each token's patch-grid row and column)."""
-        per_image, grid = self.cfg.tokens_per_image, self.cfg.vision.grid
-        patch = torch.arange(grid * grid)
-        rows, cols = patch // grid, patch % grid
-        if self.cfg.select == "full":  # the class token first: no patch
-            rows, cols = torch.cat([torch.tensor([-1]), rows]), torch.cat([torch.tensor([-1]), cols])
-        spans = []
-        for row in is_image.cpu():
-            idx = torch.nonzero(row).flatten()
-            # images fill the placeholders in order; adjacent images form one run, so cut by tokens per image
-            spans.append([ImageSpan(int(idx[i]), int(idx[i + per_image - 1]) + 1, rows, cols)
-                          for i in range(0, len(idx), per_image)])
-        return Positions(input_ids, attention_mask, spans)
+        return prompt, spans
 
     def image_embeddings_mask(self, positions: Positions) -> Tensor:
         mask = torch.zeros(positions.input_ids.shape, dtype=torch.bool)
@@ -153,20 +129,8 @@ class HookedLlava(HookedVLM):
                 mask[b, span.start:span.stop] = True
         return mask
 
-    def _inputs_embeds(self, input_ids: Tensor, pixel_values: Tensor | None, is_image: Tensor) -> Tensor:
-        embeds = self.lm.embed_tokens(input_ids)
-        if pixel_values is None:
-            return embeds
-        features = self.image_features(pixel_values)
-        # row-major over the batch, as HF's masked_scatter: image i fills the i-th run of placeholders
-        features = features.to(embeds.device, embeds.dtype).reshape(-1, embeds.shape[-1])  # towers may sit apart
-        return embeds.masked_scatter(is_image.to(embeds.device)[..., None], features)
-
-    def lm_positions(self, attention_mask: Int[Tensor, "B T"]) -> Int[Tensor, "B T"]:
-        if self.cfg.hf_positions:
-            B, T = attention_mask.shape
-            return torch.arange(T, device=attention_mask.device).expand(B, T)
-        return generation_positions(attention_mask)
+    def _inputs_embeds(self, prompt: LMPrompt, pixel_values: Tensor | None) -> Float[Tensor, "B T D"]:
+        return self.language.inputs_embeds(prompt, None if pixel_values is None else self.image_features(pixel_values))
 
     # ------------------------------------------------------------------ forward
     @strict_forward
@@ -179,23 +143,35 @@ class HookedLlava(HookedVLM):
         `mm_token_type_ids` (the processor's `return_mm_token_type_ids=True`) is accepted and ignored: it marks the
         `<image>` positions, which the model reads from `input_ids` itself, so it cannot change the result.
         """
-        input_ids, attention_mask, is_image = self._check_inputs(input_ids, pixel_values, attention_mask)
-        check_positions(position_ids, input_ids)
-        self.last_positions = self._positions(input_ids, attention_mask, is_image)
-        embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
-        positions = position_ids if position_ids is not None else self.lm_positions(attention_mask)
-        return self.lm.logits(self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions))
+        prompt, _ = self._check_inputs(input_ids, pixel_values, attention_mask, position_ids)
+        embeds = self._inputs_embeds(prompt, pixel_values)
+        return self.language.logits(prompt, embeds, hf_positions=self.cfg.hf_positions)
+
+    @strict_forward
+    def positions(self, input_ids: Int[Tensor, "B T"] | None = None,
+                  pixel_values: Float[Tensor, "n 3 H W"] | None = None,
+                  attention_mask: Int[Tensor, "B T"] | None = None, position_ids: Int[Tensor, "B T"] | None = None,
+                  mm_token_type_ids: Int[Tensor, "B T"] | None = None) -> Positions:
+        """Where the prompt's tokens are in the LM's input, per example: each image's span (with each token's
+        patch-grid row and column), the text, the last real token.
+
+        A pure function of the inputs (forward's, checked as forward checks them): it runs no tower and leaves
+        nothing on the model, so it holds for any call, thread or resumed run with these inputs. `run_with_cache`
+        labels its cache with it (`cache.positions`).
+        """
+        return self.language.positions(*self._check_inputs(input_ids, pixel_values, attention_mask, position_ids))
 
     def _generate(self, *, max_new_tokens: int, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                   attention_mask: Tensor | None = None, eos_token_id: int | list[int] | None = None,
-                  pad_token_id: int | None = None, mm_token_type_ids: Tensor | None = None) -> Tensor:
-        """Greedy decoding with a KV cache; returns the prompt and the new tokens, as HF. `eos_token_id` and
-        `pad_token_id` override the model's (taken from the HF config), as in HF's generate. A right-padded batch
-        is refused (see `inputs.refuse_right_padding`); `mm_token_type_ids` is ignored, as in `forward`."""
-        input_ids, attention_mask, is_image = self._check_inputs(input_ids, pixel_values, attention_mask)
-        refuse_right_padding(attention_mask)
-        self.last_positions = self._positions(input_ids, attention_mask, is_image)
-        embeds = self._inputs_embeds(input_ids, pixel_values, is_image)
-        return greedy_decode(self.lm.decode_step(embeds), input_ids, attention_mask, max_new_tokens,
-                             eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
-                             pad_token_id=self.cfg.pad_token_id if pad_token_id is None else pad_token_id)
+                  pad_token_id: int | None = None, mm_token_type_ids: Tensor | None = None,
+                  pick: Pick = greedy) -> Tensor:
+        """Decoding with a KV cache (greedy, or sampling by `pick`); returns the prompt and the new tokens, as HF.
+        `eos_token_id` and `pad_token_id` override the model's (taken from the HF config), as in HF's generate. A
+        right-padded batch is refused (see `inputs.refuse_right_padding`); `mm_token_type_ids` is ignored, as in
+        `forward`."""
+        prompt, _ = self._check_inputs(input_ids, pixel_values, attention_mask, generating=True)
+        embeds = self._inputs_embeds(prompt, pixel_values)
+        return self.language.generate(prompt, embeds, max_new_tokens,
+                                      eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                                      pad_token_id=self.cfg.pad_token_id if pad_token_id is None else pad_token_id,
+                                      pick=pick)

@@ -3,7 +3,8 @@ decoder. The same blocks with cross-attention read the image (or the encoded que
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from ..components.kv_cache import KVCache
 from ..components.masks import causal_mask, padding_mask
 from ..components.mlp import ACTIVATIONS
 from ..hooks import HookPoint
-from .base import Tower
+from .base import Tower, TowerCall
 
 
 @dataclass
@@ -48,6 +49,15 @@ class HeadTransform(nn.Module):
         return self.ln(self.hook_post(self.act(F.linear(x, self.weight, self.bias))))
 
 
+@dataclass(kw_only=True)
+class TextCall(TowerCall):
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    positions: Tensor | None
+    kv_input: Tensor | None
+    kv_mask: Tensor | None
+
+
 class TextTower(Tower):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -58,7 +68,10 @@ class TextTower(Tower):
         self.hook_embed = HookPoint()  # [B, T, D]
         self.hook_pos_embed = HookPoint()  # [B, T, D]
         self.ln_embed = make_norm(D, cfg.block.norm)
-        self.blocks = nn.ModuleList([Block(cfg.block) for _ in range(cfg.n_layers)])
+        # BLIP runs its text towers with and without the attended sequence (ITM's text-only path; HF's BlipTextLayer
+        # skips its crossattention when no encoder_hidden_states are given): their cross-attention is optional
+        block = replace(cfg.block, cross_attn_optional=True)
+        self.blocks = nn.ModuleList([Block(block) for _ in range(cfg.n_layers)])
         if cfg.lm_head:
             self.head = HeadTransform(D, cfg.head_act, cfg.block.norm)
             self.unembed = Unembed(D, cfg.d_vocab, bias=True)
@@ -72,6 +85,8 @@ class TextTower(Tower):
         kv_input: Float[Tensor, "B S_kv D_kv"] | None = None,
         kv_mask: Int[Tensor, "B S_kv"] | None = None,
         past: KVCache | None = None,
+        start_at_layer: int | None = None,
+        resid: Float[Tensor, "B T D"] | None = None,
     ) -> Float[Tensor, "B T D"]:
         """The stream after the last block.
 
@@ -82,33 +97,32 @@ class TextTower(Tower):
             kv_input: the sequence the cross-attention reads (image or encoded question); None: no cross-attention.
             kv_mask: its padding mask; None attends to all of it.
             past: the keys and values of earlier steps; updated in place.
+            start_at_layer: with `resid`, start at this block from that stream (`Tower.run`).
+            resid: the stream entering block `start_at_layer`.
         """
-        if self.given_output is not None:
-            return self.given_output
-        B, T = input_ids.shape
-        start = past.length if past is not None else 0
-        if start + T > self.cfg.n_ctx:
-            raise ValueError(f"the text has {start + T} tokens, more than the {self.cfg.n_ctx} positions this tower "
-                             "was trained with; shorten it")
-        if attention_mask is None:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
-        self.position_offset = start
-        first, x = self.start()
-        if x is None:
-            if positions is None:
-                positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            x = self.hook_embed(self.embed(input_ids))
-            x = self.ln_embed(x + self.hook_pos_embed(self.pos_embed(positions)))
+        call = TextCall(input_ids=input_ids, attention_mask=attention_mask, positions=positions, kv_input=kv_input,
+                        kv_mask=kv_mask, past=past)
+        return self.run(call, start_at_layer, resid)
 
-        dtype = x.dtype
+    def embed_inputs(self, call: TextCall) -> Float[Tensor, "B T D"]:
+        B, T = call.input_ids.shape
+        if call.offset + T > self.cfg.n_ctx:
+            raise ValueError(f"the text has {call.offset + T} tokens, more than the {self.cfg.n_ctx} positions this "
+                             "tower was trained with; shorten it")
+        positions = call.positions
+        if positions is None:
+            positions = torch.arange(call.offset, call.offset + T, device=call.input_ids.device).expand(B, T)
+        x = self.hook_embed(self.embed(call.input_ids))
+        return self.ln_embed(x + self.hook_pos_embed(self.pos_embed(positions)))
+
+    def block_inputs(self, call: TextCall, x: Float[Tensor, "B T D"]) -> dict[str, Any]:
+        B, T, dtype = x.shape[0], x.shape[1], x.dtype
+        attention_mask = call.attention_mask
+        if attention_mask is None:
+            attention_mask = torch.ones(B, call.offset + T, dtype=torch.long, device=x.device)
         mask = causal_mask(attention_mask, T, dtype) if self.cfg.causal else padding_mask(attention_mask, dtype)
-        cross_mask = padding_mask(kv_mask, dtype) if kv_mask is not None else None
-        for i in range(first, self.cfg.n_layers):
-            x = self.blocks[i](x, mask=mask, kv_input=kv_input, kv_mask=cross_mask,
-                               past=past.blocks[i] if past else None)
-        if past is not None:
-            past.length = start + T
-        return self.finish(x)
+        cross_mask = padding_mask(call.kv_mask, dtype) if call.kv_mask is not None else None
+        return dict(mask=mask, kv_input=call.kv_input, kv_mask=cross_mask)
 
     def logits(self, resid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
         return self.unembed(self.head(resid))

@@ -11,6 +11,7 @@ left-padded row then gets the same positions as the prompt alone, as in HF's gen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -20,7 +21,7 @@ from ..components import Block, BlockConfig, Embed, Rotary, Unembed, make_norm
 from ..components.kv_cache import KVCache
 from ..components.masks import causal_mask, generation_positions
 from ..hooks import HookPoint
-from .base import Tower
+from .base import Tower, TowerCall
 
 
 @dataclass
@@ -33,6 +34,14 @@ class LlamaConfig:
     @property
     def d_model(self) -> int:
         return self.block.d_model
+
+
+@dataclass(kw_only=True)
+class LlamaCall(TowerCall):
+    input_ids: Tensor | None
+    inputs_embeds: Tensor | None
+    attention_mask: Tensor | None
+    position_ids: Tensor | None
 
 
 class LlamaTower(Tower):
@@ -61,19 +70,6 @@ class LlamaTower(Tower):
         attn = self.blocks[layer].attn
         return attn.hook_rot_k, attn.hook_v  # keys are rotated before they enter the cache (`Attention.forward`)
 
-    def decode_step(self, prompt_embeds: Float[Tensor, "B T D"]):
-        """A step function for `greedy_decode`: the prompt's embeddings (the image written in) on the first call,
-        then one new token at a time, with a KV cache."""
-        past = self.new_cache()
-
-        def step(new_ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            first = past.length == 0
-            resid = self(input_ids=None if first else new_ids, inputs_embeds=prompt_embeds if first else None,
-                         attention_mask=mask, position_ids=positions, past=past)
-            return self.logits(resid[:, -1:])[:, -1]
-
-        return step
-
     def forward(
         self,
         input_ids: Int[Tensor, "B T"] | None = None,
@@ -82,6 +78,8 @@ class LlamaTower(Tower):
         inputs_embeds: Float[Tensor, "B T D"] | None = None,
         position_ids: Int[Tensor, "B T"] | None = None,
         past: KVCache | None = None,
+        start_at_layer: int | None = None,
+        resid: Float[Tensor, "B T_out D"] | None = None,
     ) -> Float[Tensor, "B T_out D"]:  # T_out < T when resumed on the suffix after a prefix cache
         """The stream after the last block (before `ln_final`; `logits` applies it).
 
@@ -90,20 +88,23 @@ class LlamaTower(Tower):
             inputs_embeds: their embeddings with the image written in (from `embed_tokens`).
             attention_mask: 1 for real tokens, 0 for pads, over past and new tokens; None: all real.
             position_ids: positions of the new tokens; None: from the attention mask.
-            past: keys and values of earlier steps; updated in place.
+            past: keys and values of earlier steps (or of a prefix, to resume on the suffix); updated in place.
+            start_at_layer: with `resid`, start at this block from that stream (`Tower.run`).
+            resid: the stream entering block `start_at_layer` (with `past`: of the positions after it).
         """
-        if self.given_output is not None:
-            return self.given_output
-        if past is None and self.resume_past is not None:
-            past = self.resume_past  # resuming on the suffix after a cached prefix
-        start = past.length if past is not None else 0
-        self.position_offset = start
-        first, x = self.start()
-        if x is None:
-            if (input_ids is None) == (inputs_embeds is None):
-                raise ValueError("pass exactly one of input_ids and inputs_embeds")
-            x = self.hook_inputs_embeds(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        call = LlamaCall(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, past=past)
+        return self.run(call, start_at_layer, resid)
+
+    def embed_inputs(self, call: LlamaCall) -> Float[Tensor, "B T D"]:
+        if (call.input_ids is None) == (call.inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        embeds = self.embed_tokens(call.input_ids) if call.inputs_embeds is None else call.inputs_embeds
+        return self.hook_inputs_embeds(embeds)
+
+    def block_inputs(self, call: LlamaCall, x: Float[Tensor, "B T D"]) -> dict[str, Any]:
         B, T = x.shape[:2]
+        start, attention_mask, position_ids = call.offset, call.attention_mask, call.position_ids
         if attention_mask is None:
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=x.device)
         if attention_mask.shape != (B, start + T):
@@ -115,12 +116,13 @@ class LlamaTower(Tower):
             position_ids = position_ids[:, start:]
         rotary = self.rotary(position_ids.to(x.device), x.dtype)  # once per forward, shared by every block
         mask = causal_mask(attention_mask, T, x.dtype, window=self.cfg.sliding_window)
-        for i in range(first, self.cfg.n_layers):
-            x = self.blocks[i](x, mask=mask, rotary=rotary, past=past.blocks[i] if past is not None else None)
-        if past is not None:
-            past.length = start + T
-        return self.finish(x)
+        return dict(mask=mask, rotary=rotary)
 
     def logits(self, resid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
         """From a block's output stream to logits: the final norm, applied once, and the unembedding."""
         return self.unembed(self.ln_final(resid))
+
+    def unembed_directions(self, tokens: Int[Tensor, "*N"]) -> Float[Tensor, "*N D"]:
+        """Per token, the direction d with logit = (stream / ln_final's scale) @ d: the norm's weight times the
+        token's unembedding row (no bias follows the norm). Direct logit attribution reads it."""
+        return self.unembed.weight[tokens] * self.ln_final.w

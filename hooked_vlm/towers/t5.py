@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from ..components import Block, BlockConfig, Embed, Unembed, make_norm
 from ..components.kv_cache import KVCache
 from ..components.masks import causal_mask, padding_mask
 from ..hooks import HookPoint
-from .base import Tower
+from .base import Tower, TowerCall
 
 
 @dataclass
@@ -75,6 +76,15 @@ class RelativePositionBias(nn.Module):
         return F.embedding(self.buckets(k - q), self.W_bias).permute(2, 0, 1).unsqueeze(0)
 
 
+@dataclass(kw_only=True)
+class T5Call(TowerCall):
+    input_ids: Tensor | None
+    inputs_embeds: Tensor | None
+    attention_mask: Tensor | None
+    kv_input: Tensor | None
+    kv_mask: Tensor | None
+
+
 class T5Stack(Tower):
     """A T5 encoder (reads `inputs_embeds`, into which the model has written the image queries) or decoder (reads
     token ids, cross-attends to the encoder output, ends in the unembedding)."""
@@ -105,6 +115,8 @@ class T5Stack(Tower):
         kv_input: Float[Tensor, "B S_enc D"] | None = None,
         kv_mask: Int[Tensor, "B S_enc"] | None = None,
         past: KVCache | None = None,
+        start_at_layer: int | None = None,
+        resid: Float[Tensor, "B T D"] | None = None,
     ) -> Float[Tensor, "B T D"]:
         """Encoder: the stream after `ln_final`. Decoder: the stream after the last block (`logits` normalises it).
 
@@ -115,34 +127,34 @@ class T5Stack(Tower):
             kv_input: decoder: the encoder output it cross-attends to.
             kv_mask: decoder: the encoder's padding mask.
             past: decoder: keys and values of earlier steps; updated in place.
+            start_at_layer: with `resid`, start at this block from that stream (`Tower.run`).
+            resid: the stream entering block `start_at_layer`.
         """
-        if self.given_output is not None:
-            return self.given_output
-        start = past.length if past is not None else 0
-        self.position_offset = start  # decoder while generating: the positions already cached (encoder: 0)
-        first, x = self.start()
-        if x is None:
-            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            if not self.cfg.decoder:
-                x = self.hook_inputs_embeds(x)
-        B, T = x.shape[:2]
+        call = T5Call(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      kv_input=kv_input, kv_mask=kv_mask, past=past)
+        return self.run(call, start_at_layer, resid)
+
+    def embed_inputs(self, call: T5Call) -> Float[Tensor, "B T D"]:
+        x = self.embed_tokens(call.input_ids) if call.inputs_embeds is None else call.inputs_embeds
+        return x if self.cfg.decoder else self.hook_inputs_embeds(x)
+
+    def block_inputs(self, call: T5Call, x: Float[Tensor, "B T D"]) -> dict[str, Any]:
+        B, T, dtype, start = x.shape[0], x.shape[1], x.dtype, call.offset
+        attention_mask = call.attention_mask
         if attention_mask is None:
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=x.device)
-        dtype = x.dtype
         if self.cfg.decoder:
             mask = causal_mask(attention_mask, T, dtype)
-            cross_mask = padding_mask(kv_mask, dtype) if kv_mask is not None else None
+            cross_mask = padding_mask(call.kv_mask, dtype) if call.kv_mask is not None else None
         else:
             mask, cross_mask = padding_mask(attention_mask, dtype), None
         pos_bias = self.rel_pos(T, start + T, offset=start).to(dtype)  # once per forward, shared by every block
-        for i in range(first, self.cfg.n_layers):
-            x = self.blocks[i](x, mask=mask, pos_bias=pos_bias, kv_input=kv_input, kv_mask=cross_mask,
-                               past=past.blocks[i] if past is not None else None)
-        if past is not None:
-            past.length = start + T
+        return dict(mask=mask, pos_bias=pos_bias, kv_input=call.kv_input, kv_mask=cross_mask)
+
+    def output(self, call: T5Call, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
         # the encoder's output is what the decoder reads: normalised; the decoder's is its last block's stream,
         # which `logits` normalises (so the logit lens reads every layer the same way)
-        return self.finish(x if self.cfg.decoder else self.ln_final(x))
+        return x if self.cfg.decoder else self.ln_final(x)
 
     def logits(self, resid: Float[Tensor, "B T D"]) -> Float[Tensor, "B T V"]:
         """Decoder: from a block's output stream to logits (the final norm, applied once, then the unembedding)."""
@@ -150,3 +162,9 @@ class T5Stack(Tower):
         if self.cfg.scale_outputs:
             resid = resid * self.cfg.d_model**-0.5
         return self.unembed(resid)
+
+    def unembed_directions(self, tokens: Int[Tensor, "*N"]) -> Float[Tensor, "*N D"]:
+        """Decoder: per token, the direction d with logit = (stream / ln_final's scale) @ d: the norm's weight,
+        d_model^-0.5 with `scale_outputs`, and the token's unembedding row. Direct logit attribution reads it."""
+        w = self.ln_final.w * self.cfg.d_model**-0.5 if self.cfg.scale_outputs else self.ln_final.w
+        return self.unembed.weight[tokens] * w

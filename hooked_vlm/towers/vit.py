@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from ..components import Block, BlockConfig, NormConfig, PatchEmbed, make_norm
 from ..hooks import HookPoint
-from .base import Tower
+from .base import Tower, TowerCall
 
 
 @dataclass
@@ -35,6 +36,12 @@ class VisionConfig:
     @property
     def n_tokens(self) -> int:
         return self.grid**2 + 1
+
+
+@dataclass(kw_only=True)
+class VisionCall(TowerCall):
+    pixel_values: Tensor | None
+    feature_layers: Sequence[int] | None
 
 
 class VisionTower(Tower):
@@ -69,32 +76,34 @@ class VisionTower(Tower):
         return pixel_values
 
     def forward(self, pixel_values: Float[Tensor, "B 3 H W"], stop_at_layer: int | None = None,
-                feature_layers: Sequence[int] | None = None) -> Float[Tensor, "B T D_out"]:
+                feature_layers: Sequence[int] | None = None, *, start_at_layer: int | None = None,
+                resid: Float[Tensor, "B T D"] | None = None) -> Float[Tensor, "B T D_out"]:
         """The output of the last block run (`stop_at_layer` blocks if given: later blocks are not computed),
         normalised by `ln_post` when the tower has it and runs to the end.
 
         `feature_layers`: instead, the streams after that many blocks each (0: the embeddings, after `ln_pre`),
         concatenated along the channels (LLaVA's vision features); blocks after the deepest are not computed.
+        `start_at_layer` with `resid`: start at this block from that stream (`Tower.run`).
         """
-        if self.given_output is not None:
-            return self.given_output
-        first, x = self.start()
-        if x is None:
-            x = self.embed(self.check_pixels(pixel_values))
-        if feature_layers is not None:
-            counts = list(feature_layers)
-            if not counts or min(counts) < first or max(counts) > self.cfg.n_layers:
-                raise ValueError(f"feature layers {counts} must lie in {first}..{self.cfg.n_layers}")
-            states = {0: x} if first == 0 else {}
-            for i in range(first, max(counts)):
-                x = states[i + 1] = self.blocks[i](x)
-            return self.finish(torch.cat([states[c] for c in counts], dim=-1))
-        n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for block in self.blocks[first:n_run]:
-            x = block(x)
-        if self.cfg.ln_post and n_run == self.cfg.n_layers:
-            x = self.ln_post(x)
-        return self.finish(x)
+        call = VisionCall(pixel_values=pixel_values, stop_at_layer=stop_at_layer, feature_layers=feature_layers)
+        return self.run(call, start_at_layer, resid)
+
+    def embed_inputs(self, call: VisionCall) -> Float[Tensor, "B T D"]:
+        return self.embed(self.check_pixels(call.pixel_values))
+
+    def block_inputs(self, call: VisionCall, x: Float[Tensor, "B T D"]) -> dict[str, Any]:
+        if call.feature_layers is not None:
+            counts = list(call.feature_layers)
+            if not counts or min(counts) < call.first or max(counts) > self.cfg.n_layers:
+                raise ValueError(f"feature layers {counts} must lie in {call.first}..{self.cfg.n_layers}")
+            call.stop_at_layer, call.keep_streams = max(counts), tuple(counts)
+        return {}
+
+    def output(self, call: VisionCall, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D_out"]:
+        if call.feature_layers is not None:
+            return torch.cat([call.streams[c] for c in call.feature_layers], dim=-1)
+        n_run = self.cfg.n_layers if call.stop_at_layer is None else call.stop_at_layer
+        return self.ln_post(x) if self.cfg.ln_post and n_run == self.cfg.n_layers else x
 
     def embed(self, pixel_values: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B T D"]:
         patches = self.patch_embed(pixel_values)
