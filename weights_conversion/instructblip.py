@@ -20,7 +20,7 @@ from hooked_vlm.towers.t5 import T5StackConfig
 from .blip import activation, bert_block_config, convert_bert_layer, convert_vit, vit_config
 from .generation import generation_tokens
 from .llama import convert_llama_lm, llama_config  # the decoder-only LM, shared with LLaVA
-from .registry import refuse, register_converter, require_type
+from .registry import register_converter, require_type
 from .state_dict import ConversionPlan, SourceWeights
 
 

@@ -20,8 +20,8 @@ from ..arguments import keyword_names, reject_unknown
 from ..configs import BlipConfig
 from ..positions import Positions
 from ..tokens import TokenLayout
-from ..towers.bert import TextConfig, TextTower
-from ..towers.vit import VisionConfig, VisionTower
+from ..towers.bert import TextTower
+from ..towers.vit import VisionTower
 from .base import HookedVLM
 from .generation import Pick, decode, decoding_step, greedy
 from .inputs import check_batch, check_ids, check_mask, check_pixels, strict_forward

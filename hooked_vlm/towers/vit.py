@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..components import Block, BlockConfig, NormConfig, PatchEmbed, make_norm
+from ..components import Block, BlockConfig, PatchEmbed, make_norm
 from ..hooks import HookPoint
 from .base import Tower, TowerCall
 
