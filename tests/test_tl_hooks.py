@@ -473,6 +473,7 @@ def test_processor_output_positionally_equals_keywords(request, family):
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(cache[name], ref[name], atol=0, rtol=0)
     assert cache.positions is not None and repr(cache.positions) == repr(ref.positions)  # holds tensors: no ==
+    assert repr(model.positions(inputs)) == repr(model.positions(**inputs)) == repr(ref.positions)
     prompt = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}  # generate makes the answer itself
     torch.testing.assert_close(model.generate(prompt, max_new_tokens=3), model.generate(**prompt, max_new_tokens=3))
 

@@ -24,7 +24,7 @@ from ..towers.bert import TextTower
 from ..towers.vit import VisionTower
 from .base import HookedVLM
 from .generation import Pick, decode, decoding_step, greedy
-from .inputs import check_batch, check_ids, check_mask, check_pixels, strict_forward
+from .inputs import check_batch, check_ids, check_mask, check_pixels, processor_output_positional, strict_forward
 
 
 class _Blip(HookedVLM):
@@ -52,6 +52,7 @@ class _Blip(HookedVLM):
             raise ValueError(f"input_ids is missing: pass the {self.prompt_name} tokenized by model.processor")
         return self._tokens(input_ids, attention_mask, self.prompt_tower)
 
+    @processor_output_positional  # positions(inputs) as positions(**inputs), like forward
     def positions(self, pixel_values: Float[Tensor, "B 3 H W"] | None = None,
                   input_ids: Int[Tensor, "B T"] | None = None, attention_mask: Int[Tensor, "B T"] | None = None,
                   **others: Any) -> Positions:
