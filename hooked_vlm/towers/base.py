@@ -21,6 +21,7 @@ Patching sweeps use `given`/`resume` to avoid re-running what a patch cannot cha
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ class TowerCall:
     streams: dict[int, Tensor] = field(default_factory=dict)
 
 
-class Tower(TowerWeights, nn.Module):
+class Tower(TowerWeights, nn.Module, ABC):
     """A stack of `blocks` run by `run` (see the module docstring). The switches below are set per call by the model
     (`HookedVLM.resume`, `run_with_cache(tower_outputs=True)`), read by `run` alone, and are `PerCall`: each thread
     sees only its own.
@@ -81,9 +82,9 @@ class Tower(TowerWeights, nn.Module):
         return len(self.blocks)
 
     # ------------------------------------------------------------------ what a subclass provides
+    @abstractmethod
     def embed_inputs(self, call: TowerCall) -> Float[Tensor, "B T D"]:
         """The stream entering block 0, from the call's inputs."""
-        raise NotImplementedError
 
     def block_inputs(self, call: TowerCall, x: Float[Tensor, "B T D"]) -> dict[str, Any]:
         """Keyword arguments every block of this forward gets (masks, rotary, position bias, the attended sequence),
