@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from . import distributed as distributed_
@@ -15,6 +14,7 @@ from . import interventions, metrics, patching
 from . import names as names_
 from .arguments import strict
 from .cache import ActivationCache
+from .head_selection import select_heads  # noqa: F401  (re-exported: analysis.select_heads)
 from .hooks import NameFilter
 from .models.base import HookedVLM
 
@@ -71,29 +71,6 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
         raise ValueError("mean_activation got no batches: pass a non-empty iterable of input dicts (a generator "
                          "already consumed is empty)")
     return {n: (sums[n] / counts[n]).to(model.dtype) for n in names if n in sums}
-
-
-@strict
-def select_heads(scores: Float[Tensor, "*examples n_layers n_heads"], k_std: float = 2.0
-                 ) -> list[tuple[int, int]]:
-    """Heads whose mean |score| (over leading example dimensions) is at least mean + k_std * std over all heads
-    (NOTICE's selection of important heads), as (layer, head), strongest first."""
-    if not isinstance(scores, Tensor) or scores.ndim < 2 or not scores.numel():
-        raise ValueError(f"scores must be a non-empty [..., n_layers, n_heads] tensor, got "
-                         f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}")
-    if not torch.isfinite(scores).all():
-        raise ValueError(f"scores hold {int((~torch.isfinite(scores)).sum())} NaN or infinite values: select from "
-                         "finite scores (layers without that attention are NaN; drop them or use torch.nan_to_num)")
-    magnitude = scores.abs()
-    while magnitude.ndim > 2:
-        magnitude = magnitude.mean(0)
-    if magnitude.numel() < 2 or bool((magnitude == magnitude.flatten()[0]).all()):
-        raise ValueError(f"every head has the same mean |score| ({magnitude.flatten()[0].item():.6g}), so none "
-                         "stands out: check that the sweep measured an effect (scores.std() is 0)")
-    threshold = magnitude.mean() + k_std * magnitude.std()
-    layers, heads = torch.nonzero(magnitude >= threshold, as_tuple=True)
-    order = magnitude[layers, heads].argsort(descending=True)
-    return [(int(layers[i]), int(heads[i])) for i in order]
 
 
 @dataclass

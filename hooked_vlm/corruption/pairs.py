@@ -1,92 +1,17 @@
-"""Corrupted inputs for patching: symmetric token replacement (text), seeded Gaussian noise (embeddings), and
-minimal image pairs (the same scene with one attribute changed)."""
+"""Minimal image pairs: the same scene with one property changed, from files or drawn (for demos and tests)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw
-from torch import Tensor
-
-from .hooks import HookSpec
 
 
-# ---------------------------------------------------------------------------------------------- text
-def symmetric_token_replacement(tokenizer_or_processor: Any, text: str, replacements: Mapping[str, str], *,
-                                images: Any = None, **processor_kwargs: Any) -> tuple[dict, dict]:
-    """Clean and corrupted inputs for STR (NOTICE): `text`, and `text` with each word of `replacements` swapped
-    for its replacement, tokenized alike so that every position lines up.
-
-    Raises if a replacement changes the token count (naming it and both tokenizations), since position-wise
-    patching would then pair unrelated tokens. With a processor and `images`, both inputs carry the same images.
-    """
-    corrupted = text
-    for old, new in replacements.items():
-        if old not in corrupted:
-            raise ValueError(f"{old!r} does not occur in {text!r}")
-        corrupted = corrupted.replace(old, new)
-    tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
-    for old, new in replacements.items():
-        a = tokenizer(" " + old, add_special_tokens=False)["input_ids"]
-        b = tokenizer(" " + new, add_special_tokens=False)["input_ids"]
-        if len(a) != len(b):
-            raise ValueError(f"replacing {old!r} ({len(a)} tokens: {tokenizer.convert_ids_to_tokens(a)}) by {new!r} "
-                             f"({len(b)} tokens: {tokenizer.convert_ids_to_tokens(b)}) changes the token count; "
-                             "choose a replacement of the same length")
-
-    def encode(t: str) -> dict:
-        if images is not None:
-            return dict(tokenizer_or_processor(images=images, text=t, return_tensors="pt", **processor_kwargs))
-        return dict(tokenizer_or_processor(t, return_tensors="pt", **processor_kwargs))
-
-    clean, corrupt = encode(text), encode(corrupted)
-    if clean["input_ids"].shape != corrupt["input_ids"].shape:
-        raise ValueError(f"{text!r} and {corrupted!r} tokenize to {clean['input_ids'].shape[-1]} and "
-                         f"{corrupt['input_ids'].shape[-1]} tokens; choose replacements of the same length")
-    return clean, corrupt
-
-
-# ---------------------------------------------------------------------------------------------- noise
-def gaussian_noise(values: Tensor, scale: float, *, sites: Tensor | None = None, seed: int = 0) -> Tensor:
-    """A seeded Gaussian draw shaped like `values` ([B, T, ...]), `scale` times the empirical standard deviation of
-    `values` at `sites` ([B, T] bool; None: everywhere), and zero off the sites. Draw it once and add it in every
-    cell of a sweep, so that the cells are comparable and the run is reproducible."""
-    mask = torch.ones(values.shape[:2], dtype=torch.bool) if sites is None else sites.bool()
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"scale={scale!r}: pass a positive number of standard deviations (e.g. 3.0)")
-    if not mask.any():
-        raise ValueError("no site to add noise to (sites is all False): select at least one position to corrupt")
-    mask = mask.to(values.device).reshape(*mask.shape, *([1] * (values.ndim - 2))).expand_as(values)
-    std = values[mask].float().std()
-    if scale and (not torch.isfinite(std) or std == 0):
-        raise ValueError(f"the values to corrupt have standard deviation {std.item()}, so noise scaled by it is "
-                         f"{'zero' if std == 0 else 'not a number'}: corrupt more than one value, and finite ones")
-    draw = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed)).to(values.device, values.dtype)
-    return torch.where(mask, draw * (scale * std).to(values.dtype), torch.zeros_like(draw))
-
-
-def add_hook(hook_name: str, offset: Tensor) -> HookSpec:
-    """A hook adding `offset` [B, ...] to an activation; a batch of n stacked copies of the B examples (as in a
-    patching sweep) gets the offset repeated n times."""
-
-    def hook(t: Tensor, hook: Any) -> Tensor:
-        if t.shape[0] % offset.shape[0] or t.shape[1:] != offset.shape[1:]:
-            raise ValueError(f"the offset for {hook_name} has shape {tuple(offset.shape)}, the activation "
-                             f"{tuple(t.shape)}")
-        return t + offset.to(t.dtype).repeat(t.shape[0] // offset.shape[0], *([1] * (t.ndim - 1)))
-
-    return hook_name, hook
-
-
-# ---------------------------------------------------------------------------------------------- image pairs
 @dataclass
 class MinimalPair:
     """Two images that differ in one property, a prompt about it, and the answers each image should get."""
