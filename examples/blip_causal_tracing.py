@@ -1,46 +1,109 @@
-"""Causal tracing in BLIP-VQA (Palit et al., ICCV-W 2023), as one call per heatmap.
+"""Causal tracing in BLIP-VQA as Palit et al. (ICCV-W 2023) run it in their released notebooks, one call per trace.
 
-Noise the image embeddings (3x their standard deviation, one seeded draw shared by every cell), then restore the
-clean state at one question-token position and layer (block output; attention and cross-attention outputs over
-windows of 3 layers, as the paper's second notebook), and read P(answer's first token). Also the answer decoder's
-[DEC] position.
+P1  question encoder: every element of the image embeddings (what the text reads of the image) times its own
+    eps ~ N(1, 5), drawn anew in every forward (the corrupted baseline and each cell); restore the clean block
+    output (resid_post) at one question token and layer; read P(the model's own clean first answer token) at the
+    answer decoder's first step; normalise (p - p_corrupt) / (p_clean - p_corrupt); average 10 noise runs.
+P2  answer decoder: the same, restoring the decoder's block output at its one position, [DEC].
+P3  attention and cross-attention: the image embeddings times 0.7691 (the second notebook's constant), restoring
+    the stream after the attention (resid_mid: LayerNorm(x + attn), HF's `.attention`) or after the
+    cross-attention (resid_mid_cross, HF's `.crossattention`) over windows of 3 layers centred on each layer.
+P4  heatmaps: per example for the first two (the repository's Question_Enc_1/2 and Answer_Dec_1/2), and the mean
+    over examples with the questions aligned on their last token.
 
     python examples/blip_causal_tracing.py [--model Salesforce/blip-vqa-base] [--pairs 4]
+    python examples/blip_causal_tracing.py --model Salesforce/blip-vqa-base \\
+        --data color_coco_qa.csv --images coco/train2017 --pairs 100
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 
 from _common import load, parser
 from hooked_vlm import corruption, patching, plot
+from hooked_vlm.data import coco_qa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.split("\n\n")[0], "blip_causal_tracing").parse_args(argv)
+    p = parser(__doc__.split("\n\n")[0], "blip_causal_tracing")
+    p.add_argument("--data", type=Path, default=None, help="a COCO-QA CSV (Palit et al.'s color_coco_qa.csv); "
+                   "default: synthetic colour questions")
+    p.add_argument("--images", type=Path, default=None, help="the folder of the CSV's COCO images (with --data)")
+    p.add_argument("--samples", type=int, default=10, help="noise runs averaged in P1 and P2 (the paper: 10)")
+    p.add_argument("--noise-std", type=float, default=5.0, help="std of the multiplicative noise N(1, std) of P1/P2")
+    p.add_argument("--scale", type=float, default=0.7691, help="the constant factor of P3")
+    p.add_argument("--window", type=int, default=3, help="layers restored together in P3")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    questions = load_questions(args)
     model = load(args.model, "blip-vqa", args.device)
-    pairs = corruption.synthetic_pairs(args.pairs, "color", seed=0)
-    inputs = model.processor(images=[p.clean_image for p in pairs], text=[p.prompt for p in pairs],
-                             return_tensors="pt").to(args.device)
-    with torch.no_grad():
-        answer = model(**inputs)[:, -1].argmax(-1)  # the model's own first answer token (the paper's `pred`)
-    tokens = model.processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    runs = {"encoder_resid": dict(tower="text_encoder", kind="resid", window=1),
-            "encoder_attn_w3": dict(tower="text_encoder", kind="attn", window=3),
-            "encoder_cross_attn_w3": dict(tower="text_encoder", kind="cross_attn", window=3),
-            "decoder_resid": dict(tower="text_decoder", kind="resid", window=1)}
-    for name, kw in runs.items():
-        trace = patching.causal_trace(model, inputs, answer, corrupt="image", noise=3.0, samples=3, seed=0,
-                                      normalize=True, progress=False, **kw)
-        labels = tokens if kw["tower"] == "text_encoder" else ["[DEC]"]
-        path = plot.heatmap(trace, args.out / f"{name}.png", title=f"causal trace: {name} (normalised)",
-                            xlabel="position", xticklabels=labels, centered=False, cmap="Purples")
-        best = divmod(int(torch.nan_to_num(trace, nan=-1e9).argmax()), trace.shape[1])
-        print(f"{name:24s} strongest cell: layer {best[0]}, position {best[1]} ({labels[best[1]]}), "
-              f"{trace[best].item():.3f} -> {path}")
+
+    examples, ids, answers = [], [], []
+    tok = model.processor.tokenizer
+    for qid, image, question in questions:
+        inputs = model.processor(images=image, text=question, return_tensors="pt").to(args.device)
+        with torch.no_grad():
+            answer = model(**inputs)[:, -1].argmax(-1)  # the model's own first answer token (the notebooks' `pred`)
+        examples.append((inputs, answer))
+        ids.append(qid)
+        answers.append(tok.convert_ids_to_tokens(answer.tolist())[0])
+
+    noise = corruption.multiplicative(1.0, args.noise_std, redraw="forward", seed=args.seed)
+    constant = corruption.scale(args.scale)
+    protocol = {  # name: (tower, corruption, kind, window, samples)
+        "question_encoder": ("text_encoder", noise, "resid", 1, args.samples),
+        "answer_decoder": ("text_decoder", noise, "resid", 1, args.samples),
+        f"question_encoder_attention_w{args.window}": ("text_encoder", constant, "resid_mid", args.window, 1),
+        f"question_encoder_crossattention_w{args.window}": ("text_encoder", constant, "resid_mid_cross",
+                                                            args.window, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"model": args.model or "tiny blip-vqa (random weights)", "examples": ids, "answers": answers}
+    for name, (tower, corrupt, kind, window, samples) in protocol.items():
+        results = patching.sweep_results(patching.causal_trace, model, examples, ids=ids, answers=answers,
+                                         tower=tower, corrupt=corrupt, kind=kind, window=window, samples=samples,
+                                         normalize=True, progress=False)
+        record[name] = {"settings": results.settings, "corruption": results.corruption[0]}
+        cmap = "Reds" if tower == "text_decoder" else "Purples"
+        if kind == "resid":  # P4: the first two examples, as the repository's figures
+            for i in range(min(2, len(results))):
+                labels = results.tokens[i] or ["[DEC]"]
+                path = plot.heatmap(results.values[i], args.out / f"{name}_{i + 1}.png", cmap=cmap, centered=False,
+                                    title=f"{name}: restoring after corrupted image, p({answers[i]})",
+                                    xlabel="token", xticklabels=labels)
+                print(f"{name} example {ids[i]} ({answers[i]!r}): {describe(results.values[i], labels)} -> {path}")
+        if tower == "text_decoder":
+            mean, labels = results.mean(), ["[DEC]"]
+        else:  # questions of different lengths: aligned on their last token
+            aligned = results.aligned("last")
+            mean, labels = aligned.mean(), aligned.labels()
+        suffix = "_mean" if kind == "resid" else ""
+        path = plot.heatmap(mean, args.out / f"{name}{suffix}.png", cmap=cmap, centered=False, xlabel="token",
+                            title=f"{name}: mean of {len(results)} (normalised; {corrupt.kind})", xticklabels=labels)
+        print(f"{name + suffix:34s} mean: {describe(mean, labels)} -> {path}")
+    (args.out / "protocol.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
+
+
+def load_questions(args) -> list[tuple[str, object, str]]:
+    """(id, image, question) triples: the COCO-QA CSV's first `--pairs` rows, or synthetic colour questions."""
+    if args.data is not None:
+        if args.images is None:
+            raise SystemExit("--data needs --images: the folder of the COCO images its rows name (not shipped)")
+        return [(ex.id, ex.image.load(), ex.question) for ex in coco_qa(args.data, args.images, limit=args.pairs)]
+    pairs = corruption.synthetic_pairs(args.pairs, "color", seed=args.seed)
+    return [(str(i), pair.clean_image, pair.prompt) for i, pair in enumerate(pairs)]
+
+
+def describe(trace: torch.Tensor, labels: list[str]) -> str:
+    flat = torch.nan_to_num(trace.float(), nan=-1e9)
+    layer, col = divmod(int(flat.argmax()), trace.shape[1])
+    return f"strongest restore at layer {layer}, {labels[col]!r}: {trace[layer, col].item():.3f}"
 
 
 if __name__ == "__main__":

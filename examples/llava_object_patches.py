@@ -1,9 +1,11 @@
-"""LLaVA: patch the image tokens of the object's patches, layer by layer, with no hard-coded offset.
+"""LLaVA: restore the image tokens of the object's patches, layer by layer, as one span-patching sweep.
 
 The clean image shows a red square on grey, the corrupted one a blue square at the same place. For each LM layer,
-the corrupted run gets the clean residual stream (`lm.blocks.{L}.hook_resid_pre`) at the image tokens that show
-the square (looked up by patch-grid row and column in `cache.positions`, i.e. `model.positions(**inputs)`), and the
-script prints how much of the clean-vs-corrupted logit difference ("red" vs "blue" as the next token) that restores.
+the corrupted run gets the clean residual stream (`lm.blocks.{L}.hook_resid_pre`) at a group of positions patched
+together: the image tokens that show the square (`patching.ImagePatches(rows, cols)`, looked up by patch-grid row
+and column in `cache.positions`, i.e. `model.positions(**inputs)`: no hard-coded offset), every image token, the
+text tokens, the last token. The script prints how much of the clean-vs-corrupted logit difference ("red" vs "blue"
+as the next token) each group restores, and draws it.
 
     python examples/llava_object_patches.py [--model llava-hf/llava-1.5-7b-hf] [--device cuda]
 """
@@ -17,7 +19,7 @@ import torch
 from PIL import Image
 
 from _common import load, parser
-from hooked_vlm import metrics, names
+from hooked_vlm import metrics, patching, plot
 
 PROMPT = "USER: <image>\nWhat color is the square? ASSISTANT: The square is"
 
@@ -42,37 +44,33 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = model.processor.tokenizer
     red, blue = (tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("red", "blue"))
-    diff = metrics.logit_diff(red, blue)  # at the last position
+    metric = metrics.logit_diff(red, blue)  # at the last position
 
-    def metric(logits: torch.Tensor) -> float:
-        return float(diff(logits, torch.zeros(1, dtype=torch.long)))
+    rows, cols = range(box[1] // patch, -(-box[3] // patch)), range(box[0] // patch, -(-box[2] // patch))
+    square = patching.ImagePatches(rows, cols)  # the square's image tokens, found in model.positions(**clean)
+    (span,) = model.positions(**clean).image[0]
+    print(f"image tokens {span.start}..{span.stop - 1}; the square covers patch rows {list(rows)}, columns "
+          f"{list(cols)}: {len(square(model.positions(**clean))[0])} tokens")
 
+    groups = {"square": square, "image": "image", "text": "text", "last": "last"}
     with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(**clean, names_filter=names.in_blocks("lm", "hook_resid_pre"))
-        m_clean, m_corrupt = metric(clean_logits), metric(model(**corrupt))
+        m_clean = float(metric(model(**clean), torch.zeros(1, dtype=torch.long)))
+        m_corrupt = float(metric(model(**corrupt), torch.zeros(1, dtype=torch.long)))
+    diffs = patching.patch_resid(model, clean, corrupt, metric, tower="lm", hook="resid_pre", groups=groups,
+                                 progress=False)  # [layers, groups]
+    gap = m_clean - m_corrupt
+    restored = (diffs - m_corrupt) / gap if abs(gap) > 1e-9 else torch.full_like(diffs, float("nan"))
 
-        # where the square is: the image tokens whose patch lies inside the box (prompt 0, image 0)
-        (span,) = cache.positions.image[0]
-        rows = range(box[1] // patch, -(-box[3] // patch))
-        cols = range(box[0] // patch, -(-box[2] // patch))
-        object_tokens = span.patches(rows=rows, cols=cols)
-        print(f"image tokens {span.start}..{span.stop - 1}; the square covers patch rows {list(rows)}, "
-              f"columns {list(cols)}: {len(object_tokens)} tokens")
-
-        print(f"logit diff red - blue: clean {m_clean:.3f}, corrupted {m_corrupt:.3f}")
-        print("| layer | patched logit diff | restored |\n|---|---|---|")
-        for layer in range(model.tower_info("lm").n_layers):
-            name = names.resid("lm", layer, "pre")
-
-            def restore(resid, hook, name=name):
-                resid = resid.clone()
-                resid[:, object_tokens] = cache[name][:, object_tokens].to(resid.device)
-                return resid
-
-            m = metric(model.run_with_hooks(**corrupt, fwd_hooks=[(name, restore)]))
-            gap = m_clean - m_corrupt
-            share = (m - m_corrupt) / gap if abs(gap) > 1e-9 else float("nan")
-            print(f"| {layer} | {m:.3f} | {share:.2f} |")
+    print(f"logit diff red - blue: clean {m_clean:.3f}, corrupted {m_corrupt:.3f}")
+    print("| layer | " + " | ".join(f"{name} (restored)" for name in groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for layer, row in enumerate(restored):
+        print(f"| {layer} | " + " | ".join(f"{diffs[layer, g]:.3f} ({row[g]:.2f})" for g in range(len(groups)))
+              + " |")
+    path = plot.heatmap(restored, args.out / "object_patches.png", xticklabels=list(groups), xlabel="group",
+                        title="share of the red-blue logit difference restored (resid_pre)", centered=False,
+                        cmap="Purples")
+    print(f"-> {path}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,9 @@ from . import interventions, metrics, patching
 from . import names as names_
 from .arguments import strict
 from .cache import ActivationCache
+from .head_ablation import Batch, unablated_runs
+from .head_ablation import (  # noqa: F401  (re-exported: analysis.head_set_ablation, ...)
+    PAPER_NEGATIVE_HEADS, PAPER_POSITIVE_HEADS, SetAblation, head_set_ablation, random_head_sets)
 from .head_selection import select_heads  # noqa: F401  (re-exported: analysis.select_heads)
 from .hooks import NameFilter
 from .models.base import HookedVLM
@@ -75,24 +79,38 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
 
 @dataclass
 class LogitLens:
-    """Top-k tokens of the unembedding applied to each layer's stream: `ids`, `probs` [n_layers, B, P, k] and the
-    token strings `tokens[layer][example][position][rank]`, at the sequence positions `positions` [B, P]."""
+    """Top-k tokens of the unembedding applied to each layer's `hook` (a stream or a sub-layer's output): `ids`,
+    `probs` [n_layers, B, P, k] and the token strings `tokens[layer][example][position][rank]`, at the sequence
+    positions `positions` [B, P]; `token_probs` [n_layers, B, P, n]: the probabilities of the token ids asked for
+    (`logit_lens(tokens=...)`, e.g. each example's answer), else None."""
 
     ids: Tensor
     probs: Tensor
     tokens: list
     positions: Tensor
+    hook: str = "resid_post"
+    token_probs: Tensor | None = None
+
+
+LENS_HOOKS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "resid_pre", "resid_mid_cross", "cross_attn_out")
 
 
 @strict
 @torch.no_grad()
 def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str, Any], *, tower: str,
-               positions: Sequence[int] | Tensor | None = None, k: int = 5) -> LogitLens:
-    """Per layer and position, the top-k next-token predictions read off the stream after that block
-    (`hook_resid_post`) through the tower's own output head (`tower.logits`: its final norm, applied once, and the
-    unembedding; BLIP's prediction-head transform). The last layer reproduces the model's logits.
+               hook: str = "resid_post", positions: Sequence[int] | Tensor | None = None, k: int = 5,
+               tokens: Sequence[int] | Tensor | None = None) -> LogitLens:
+    """Per layer and position, the top-k next-token predictions read off `hook` of every block through the
+    tower's own output head (`tower.logits`: its final norm, applied once, and the unembedding; BLIP's
+    prediction-head transform). `hook="resid_post"` (the block's output; its last layer reproduces the model's
+    logits), `"resid_mid"` (the stream after the attention), `"attn_out"` / `"mlp_out"` (the sub-layers'
+    outputs, unembedded as they are, through the same norm: V-SEAM's LogitLens.py), or another stream hook.
 
-    `cache_or_inputs`: a cache holding the tower's `hook_resid_post` of every layer, or inputs to run."""
+    `cache_or_inputs`: a cache holding that hook of every layer of the tower, or inputs to run. `tokens`: token
+    ids whose probability to keep at every layer and position (`LogitLens.token_probs`): a list shared by the
+    examples or a [B, n] tensor, one row per example (e.g. each example's answer's first sub-token, [B, 1])."""
+    if hook not in LENS_HOOKS:
+        raise ValueError(f"hook must be one of {', '.join(LENS_HOOKS)}, got {hook!r}")
     head = model.tower(tower)
     if not hasattr(head, "logits") or not hasattr(head, "unembed"):
         raise ValueError(f"tower {tower!r} has no output head to read a stream with; the logit lens applies to the "
@@ -101,23 +119,38 @@ def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str,
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (vocab is not None and k > vocab):
         raise ValueError(f"k={k!r}: pass a number of top tokens in 1..{vocab if vocab is not None else 'vocab size'}")
     n_layers = model.tower_info(tower).n_layers
-    streams = [names_.resid(tower, layer, "post") for layer in range(n_layers)]
+    streams = [names_.block(tower, layer, names_.leaf(hook)) for layer in range(n_layers)]
+    absent = [n for n in streams if n not in model.hook_dict]
+    if absent:
+        raise ValueError(f"hook={hook!r}: tower {tower!r} has no {absent[0]} (not every layer has it); pass a hook "
+                         f"every block has, e.g. 'resid_post'")
     cache = cache_or_inputs
     if not isinstance(cache, ActivationCache):
         _, cache = model.run_with_cache(**cache_or_inputs, names_filter=streams)
     missing = [n for n in streams if n not in cache]
     if missing:
-        raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's hook_resid_post of {tower!r}")
+        raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's {names_.leaf(hook)} of {tower!r}")
     stream = torch.stack([cache[n] for n in streams])  # [L, B, T, D]
     B, T = stream.shape[1:3]
     pos = patching.example_positions(positions, B, T)  # checked: non-empty, in range, one row per example
     picked = stream[:, torch.arange(B)[:, None], pos.to(stream.device)]  # [L, B, P, D]
     probs = head.logits(picked.flatten(1, 2)).float().softmax(-1).view(*picked.shape[:3], -1)
     top = probs.topk(k, dim=-1)
+    token_probs = None
+    if tokens is not None:
+        ids = torch.as_tensor(tokens, device=probs.device)
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.ndim not in (1, 2) or not ids.numel() or (
+                ids.ndim == 2 and ids.shape[0] != B):
+            raise ValueError(f"tokens: pass a list of token ids or a [batch={B}, n] tensor of them, got "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+        if int(ids.min()) < 0 or int(ids.max()) >= probs.shape[-1]:
+            raise ValueError(f"tokens: ids must lie in range({probs.shape[-1]}), got {ids.min()}..{ids.max()}")
+        ids = ids.long().expand(B, -1) if ids.ndim == 1 else ids.long()
+        token_probs = probs.gather(-1, ids[None, :, None, :].expand(*probs.shape[:3], -1))
     tokenizer = getattr(model.processor, "tokenizer", model.processor)
-    tokens = [[[tokenizer.convert_ids_to_tokens(row) for row in ex] for ex in layer] for layer in top.indices.tolist()] \
-        if tokenizer is not None else []
-    return LogitLens(top.indices, top.values, tokens, pos)
+    names_of = [[[tokenizer.convert_ids_to_tokens(row) for row in ex] for ex in layer]
+                for layer in top.indices.tolist()] if tokenizer is not None else []
+    return LogitLens(top.indices, top.values, names_of, pos, hook, token_probs)
 
 
 @dataclass
@@ -132,7 +165,7 @@ class HeadScores:
     positive: Tensor
     negative: Tensor
     delta: Tensor
-    correct: Tensor  # [B] bool: baseline argmax == answer
+    correct: Tensor  # [N] bool, over all examples in order: the unablated top token is one of the answer's tokens
 
     def positive_heads(self, k: int = 5) -> list[tuple[int, int]]:
         """The k heads with the highest positive score; raises if no example was answered correctly."""
@@ -158,39 +191,69 @@ def _top(scores: Tensor, k: int) -> list[tuple[int, int]]:
 
 
 @strict
-def head_scores(model: HookedVLM, inputs: Mapping[str, Any], answer: metrics.TokenIds, *, tower: str = "lm",
-                attention: str = "attn", position: metrics.Position = -1, batch_size: int = 64,
+def head_scores(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch],
+                answer: metrics.AnswerIds | None = None, *, tower: str = "lm", attention: str = "attn",
+                position: metrics.Position | str = -1, policy: str = "first", batch_size: int = 64,
                 progress: bool = True) -> HeadScores:
-    """Score every head by replacing its values with the mean of the other heads of its layer (V-SEAM's head
-    importance): the change of P(answer) at `position` (the first answer token; one id per example allowed),
-    split by whether the unablated model answers correctly. Fit on one split and evaluate the resulting
-    interventions (`rescaling_hooks`) on another."""
-    metric = metrics.prob(answer, position)
+    """Score every head by replacing its values with the mean of the other heads of its layer, at every position
+    (V-SEAM's head contributions, `Attention_Head_Analysis.py`): the drop P_base - P_ablated of the answer at
+    `position`, split by whether the unablated model answers correctly.
+
+    `inputs`, `answer`: one batch and its answers, or an iterable of `(inputs, answers)` batches streamed over a
+    data set (answer=None); the means are over all examples, each batch weighted by its number of correct and
+    incorrect examples, so the scores equal one batch holding them all. Answers: one token id per example, or one
+    list of sub-token ids per example (`metrics.answer_tokens`); an example is correct when the top token at
+    `position` is any of its answer's sub-tokens, and P follows `policy` (`metrics.answer_prob`; V-SEAM: "first").
+    `position`: an int, one per example, or "last" (each example's last real token; for right-padded batches).
+    Fit on one split and evaluate the resulting interventions (`rescaling_hooks`) on another.
+    """
+    if policy not in metrics.ANSWER_POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(metrics.ANSWER_POLICIES)}, got {policy!r}")
     patching.head_leaf(model, tower, attention, "z")  # the tower and attention exist: checked before any forward
-    with torch.no_grad():
-        logits = model(**inputs)
-    examples = torch.arange(logits.shape[0], device=logits.device)
-    base = metrics.evaluate(metric, logits, examples, "head_scores").float().cpu()  # [B]
-    metrics.check_finite(base, "the unablated run's examples")
-    predicted = metrics.logits_at(logits, position, examples).argmax(-1)
-    correct = (predicted == metrics.per_row(answer, examples, "answer")).cpu()
-    ablated = patching.ablation_sweep(model, inputs, metric, tower=tower, attention=attention,
-                                      mode="mean_of_others", batch_size=batch_size, progress=progress)  # [L, H, B]
-    drop = base - ablated
+    positive = negative = delta = None
+    n_correct = n_wrong = n = 0
+    correct: list[Tensor] = []
+    for run in unablated_runs(model, inputs, answer, position, policy, "head_scores"):
+        ok = run.correct
+        ablated = patching.ablation_sweep(model, run.inputs, run.metric, tower=tower, attention=attention,
+                                          mode="mean_of_others", batch_size=batch_size, progress=progress)  # [L, H, B]
+        drop = run.prob - ablated.double()
+        sums = (drop.clamp(min=0)[..., ok].sum(-1), (-drop).clamp(min=0)[..., ~ok].sum(-1), drop.sum(-1))
+        positive, negative, delta = sums if positive is None else (positive + sums[0], negative + sums[1],
+                                                                   delta + sums[2])
+        n_correct, n_wrong, n = n_correct + int(ok.sum()), n_wrong + int((~ok).sum()), n + ok.numel()
+        correct.append(ok)
+    if positive is None:
+        raise ValueError("head_scores got no batches: pass a batch and its answers, or a non-empty iterable of "
+                         "(inputs, answers) batches (a generator already consumed is empty)")
 
-    def masked_mean(x: Tensor, keep: Tensor) -> Tensor:
-        return x[..., keep].mean(-1) if keep.any() else torch.full(x.shape[:-1], float("nan"))
+    def mean(total: Tensor, count: int) -> Tensor:
+        return (total / count).float() if count else torch.full(total.shape, float("nan"))
 
-    return HeadScores(positive=masked_mean(drop.clamp(min=0), correct),
-                      negative=masked_mean((-drop).clamp(min=0), ~correct), delta=drop.mean(-1), correct=correct)
+    return HeadScores(positive=mean(positive, n_correct), negative=mean(negative, n_wrong), delta=mean(delta, n),
+                      correct=torch.cat(correct))
 
 
 @strict
 def rescaling_hooks(model: HookedVLM, scores: HeadScores, *, lam: float = 1.0, tower: str = "lm",
-                    attention: str = "attn", low: float = 0.0, high: float = 2.0) -> list:
-    """V-SEAM's head rescaling as hooks: each head's values times clip(1 + lam * delta, low, high), where delta is
-    the head's signed drop of P(answer) when ablated (`HeadScores.delta`)."""
-    factors = (1 + lam * torch.nan_to_num(scores.delta)).clamp(low, high)
+                    attention: str = "attn", low: float | None = 0.0, high: float | None = 2.0,
+                    epsilon: float = 0.0) -> list:
+    """V-SEAM's head rescaling (`Attention_Head_Rescaling.py`) as hooks: each head's values (the `o_proj` input)
+    times clip(1 + lam * delta, low, high), where delta is the head's mean signed drop of P(answer) when ablated
+    (`HeadScores.delta`, fitted on other questions than those evaluated) and is taken as 0 where |delta| < epsilon
+    (the authors' `EPS_FOR_EDIT`, 0 there). low / high None: no clipping on that side (the authors' clip=None)."""
+    for name, value in (("lam", lam), ("epsilon", epsilon), ("low", low), ("high", high)):
+        if value is not None and (isinstance(value, bool) or not math.isfinite(float(value))):
+            raise ValueError(f"{name}={value!r}: pass a finite number")
+    if epsilon < 0:
+        raise ValueError(f"epsilon={epsilon!r}: pass a threshold >= 0 (heads with |delta| below it are left as they are)")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"low={low} > high={high}: the clip range is empty")
+    delta = torch.nan_to_num(scores.delta.double())
+    delta = torch.where(delta.abs() < epsilon, 0.0, delta)
+    factors = 1 + lam * delta
+    if low is not None or high is not None:
+        factors = factors.clamp(low, high)
     return interventions.scale_heads(model, {(layer, head): float(factors[layer, head])
                                              for layer in range(factors.shape[0]) for head in range(factors.shape[1])},
                                      tower=tower, attention=attention)

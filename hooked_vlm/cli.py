@@ -5,6 +5,8 @@
     hooked-vlm patch [--model M] [--clean-image A --corrupt-image B | --corrupt-prompt Q'] [--prompt Q]
                      [--answer X --wrong-answer Y] [--heads | --resid] [--tower T] [--attention attn|cross_attn]
     hooked-vlm trace [--model M] [--image A] [--prompt Q] [--tower T] [--kind resid] [--window 1] [--samples 1]
+                     [--corruption gaussian [--noise 3] | multiplicative [--noise-mean 1] [--noise-std 5]
+                      | scale --factor F] [--redraw sample|forward]
     hooked-vlm lens  [--model M] [--image A] [--prompt Q] [--tower T] [--k 5]
 
 `--model` is a hub id or a local directory, or one of the tiny models built offline with RANDOM weights (to try the
@@ -393,18 +395,47 @@ def _check_single_args(args: argparse.Namespace) -> None:
         args.image = _read_image(args.image, "--image")
 
 
+# --corruption -> the options it takes, with their defaults (None: required)
+CORRUPTION_OPTIONS = {"gaussian": {"noise": 3.0, "redraw": "sample"},
+                      "multiplicative": {"noise_mean": 1.0, "noise_std": 5.0, "redraw": "sample"},
+                      "scale": {"factor": None}}
+
+
+def _trace_corruption(args: argparse.Namespace) -> corruption.Corruption:
+    """The image-embedding corruption `--corruption` names, from the options that go with it (checked before any
+    model is loaded: an option of another kind would be silently ignored). Fills in `args`' defaults."""
+    taken = CORRUPTION_OPTIONS[args.corruption]
+    for name in dict.fromkeys(name for options in CORRUPTION_OPTIONS.values() for name in options):
+        if name not in taken and getattr(args, name) is not None:
+            kinds = " or ".join(kind for kind, options in CORRUPTION_OPTIONS.items() if name in options)
+            raise CLIError(f"--{name.replace('_', '-')} goes with --corruption {kinds}, not --corruption "
+                           f"{args.corruption}; drop it or pass --corruption {kinds.split()[0]}")
+    for name, default in taken.items():
+        if getattr(args, name) is None:
+            if default is None:
+                raise CLIError(f"--corruption {args.corruption} needs --{name.replace('_', '-')}")
+            setattr(args, name, default)
+    if args.corruption == "gaussian":
+        return corruption.gaussian(args.noise, seed=args.seed, redraw=args.redraw)
+    if args.corruption == "multiplicative":
+        return corruption.multiplicative(args.noise_mean, args.noise_std, seed=args.seed, redraw=args.redraw)
+    return corruption.scale(args.factor)
+
+
 def cmd_trace(args: argparse.Namespace) -> None:
     _check_single_args(args)
+    corrupt = _trace_corruption(args)
     model = _load_model(args.model, args.device)
     tower = _tower(model, args.tower, model.prompt_tower)
-    if args.kind == "cross_attn" and not _has_cross_attn(model, tower):
-        raise CLIError(f"--kind cross_attn: tower {tower!r} of {type(model).__name__} has no cross-attention; pass "
-                       "--kind resid, attn or mlp")
+    if "cross" in patching.TRACE_KINDS[args.kind] and not _has_cross_attn(model, tower):
+        others = [k for k, leaf in patching.TRACE_KINDS.items() if "cross" not in leaf]
+        raise CLIError(f"--kind {args.kind}: tower {tower!r} of {type(model).__name__} has no cross-attention; pass "
+                       f"--kind {', '.join(others[:-1])} or {others[-1]}")
     inputs = _single_input(args, model)
     with torch.no_grad():
         target = model(**inputs)[:, -1].argmax(-1)
-    scores = patching.causal_trace(model, inputs, target, tower=tower, kind=args.kind, window=args.window,
-                                   noise=args.noise, samples=args.samples, seed=args.seed, normalize=True,
+    scores = patching.causal_trace(model, inputs, target, tower=tower, corrupt=corrupt, kind=args.kind,
+                                   window=args.window, samples=args.samples, normalize=True,
                                    batch_size=args.batch_size)
     tok = model.processor.tokenizer
     labels = tok.convert_ids_to_tokens(inputs["input_ids"][0]) if tower == model.prompt_tower else None
@@ -412,11 +443,14 @@ def cmd_trace(args: argparse.Namespace) -> None:
         labels = None
 
     def normalisation() -> str:
+        stronger = {"gaussian": "raise --noise", "multiplicative": "raise --noise-std",
+                    "scale": "move --factor further from 1"}[args.corruption]
         return ("each score is divided by P(target | clean) - P(target | noised image), which is 0 (or not finite) "
-                "when the noise does not change the prediction; raise --noise")
+                f"when the noise does not change the prediction; {stronger}")
 
     meta = {"model": args.model, "tower": tower, "kind": args.kind, "window": args.window, "noise": args.noise,
-            "samples": args.samples, "seed": args.seed, "target": tok.convert_ids_to_tokens(target.tolist()),
+            "corruption": corrupt.describe(), "samples": args.samples, "seed": args.seed,
+            "target": tok.convert_ids_to_tokens(target.tolist()),
             "title": f"causal trace of {tower} ({args.kind}, window {args.window}), normalised"}
     _write(args.out, "trace", scores, meta, "position", labels,
            lambda: _why_not_finite(model, tower, patching.TRACE_KINDS[args.kind], scores, normalisation))
@@ -470,7 +504,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _number(kind: type, minimum: float = 0, above: bool = True) -> Callable[[str], Any]:
-    """An argparse type: a finite number of `kind` (int or float) above `minimum` (or at least it)."""
+    """An argparse type: a finite number of `kind` (int or float) above `minimum` (or at least it; -inf: any)."""
+    bound = f" {'above' if above else 'at least'} {minimum}" if math.isfinite(minimum) else ""
 
     def parse(text: str):
         try:
@@ -478,11 +513,10 @@ def _number(kind: type, minimum: float = 0, above: bool = True) -> Callable[[str
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value) or value < minimum or (above and value == minimum):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'above' if above else 'at least'} "
-                                             f"{minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number{bound}")
         return value
 
-    parse.__name__ = f"{kind.__name__} {'above' if above else 'at least'} {minimum}"
+    parse.__name__ = f"{kind.__name__}{bound}"
     return parse
 
 
@@ -545,11 +579,25 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--image", help="the image file (default: a synthetic scene, with its question)")
         if name == "trace":
-            p.add_argument("--kind", default="resid", choices=["resid", "attn", "mlp", "cross_attn"],
-                           help="what each cell restores (cross_attn only on towers with cross-attention)")
+            p.add_argument("--kind", default="resid", choices=list(patching.TRACE_KINDS),
+                           help="what each cell restores: the block output (resid), the stream after the attention "
+                                "(resid_mid) or the cross-attention (resid_mid_cross), or a sub-layer's output "
+                                "(cross-attention kinds only on towers with cross-attention)")
             p.add_argument("--window", type=_number(int), default=1, help="layers restored together per cell")
-            p.add_argument("--noise", type=_number(float), default=3.0,
-                           help="noise scale, in standard deviations of the image embeddings")
+            p.add_argument("--corruption", default="gaussian", choices=list(CORRUPTION_OPTIONS),
+                           help="how the image embeddings are corrupted: add Gaussian noise (ROME), multiply each "
+                                "element by its own eps ~ N(mean, std), or scale them all by a factor")
+            p.add_argument("--noise", type=_number(float), default=None,
+                           help="gaussian: noise scale, in standard deviations of the image embeddings (default 3.0)")
+            p.add_argument("--noise-mean", type=_number(float, -math.inf), default=None,
+                           help="multiplicative: the mean of eps (default 1.0)")
+            p.add_argument("--noise-std", type=_number(float), default=None,
+                           help="multiplicative: the standard deviation of eps (default 5.0)")
+            p.add_argument("--redraw", choices=["sample", "forward"], default=None,
+                           help="gaussian or multiplicative: one draw per sample, shared by every cell, or a new draw "
+                                "in every forward (default sample)")
+            p.add_argument("--factor", type=_number(float, -math.inf), default=None,
+                           help="scale: what every element is multiplied by (required with --corruption scale)")
             p.add_argument("--samples", type=_number(int), default=1, help="noise samples averaged")
         if name == "lens":
             p.add_argument("--k", type=_number(int), default=5, help="top tokens shown per layer")

@@ -18,6 +18,8 @@ from . import names
 from .arguments import strict
 from .hooks import HookSpec
 from .models.base import HookedVLM
+from .positions import ImageSpan
+from .spatial import patch_positions
 
 Head = tuple[int, int]  # (layer, head)
 AblationMode = Literal["zero", "mean", "mean_of_others", "resample"]
@@ -140,7 +142,7 @@ def scale_heads(model: HookedVLM, factors: Mapping[Head, float], *, tower: str =
 Positions = Sequence[int] | Sequence[Sequence[int]] | Tensor
 
 
-def _position_mask(positions: Positions, batch: int, length: int, device: torch.device) -> Tensor:
+def position_mask(positions: Positions, batch: int, length: int, device: torch.device) -> Tensor:
     """[batch, length] bool from shared positions, per-example lists, or a [batch, P] tensor. Negative positions
     count from the end; positions past the end (a prompt position while the sequence is still shorter) mark
     nothing."""
@@ -175,6 +177,12 @@ def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions
     generating, the new tokens' positions continue the prompt's (`Tower.position_offset`). Hooking the scores runs
     these layers' attention on the explicit path; results do not depend on `set_fast_attention`. A query must keep
     at least one key.
+
+    Naming: here `from_positions` are the queries (the tokens that read) and `to_positions` the keys (the tokens
+    read). Geva et al. (2023) and Neo et al.'s code name the other way round, by the flow of information: their
+    "from" is the source, i.e. our keys, and their "to" the destination, i.e. our queries (Neo et al.'s
+    `block_attention` sets `attention_mask[:, :, to, from] = False`). Their "object patches -> last token" is
+    `attention_knockout(model, from_positions=[last], to_positions=object_patches, ...)`.
     """
     head_index = None if heads is None else list(heads)
     target = model.tower(tower)
@@ -195,8 +203,8 @@ def attention_knockout(model: HookedVLM, from_positions: Positions, to_positions
         def hook(scores: Tensor, hook: Any) -> Tensor:
             B, H, T, S = scores.shape
             offset = target.position_offset  # the queries are this tower's tokens, also in a cross-attention
-            queries = _position_mask(from_positions, B, offset + T, scores.device)[:, offset:]
-            keys = _position_mask(to_positions, B, S, scores.device)
+            queries = position_mask(from_positions, B, offset + T, scores.device)[:, offset:]
+            keys = position_mask(to_positions, B, S, scores.device)
             blocked = queries[:, None, :, None] & keys[:, None, None, :]  # [B, 1, T, S]
             if head_index is not None:
                 only = torch.zeros(H, dtype=torch.bool, device=scores.device)
@@ -226,8 +234,73 @@ def replace_positions(model: HookedVLM, hook_name: str, positions: Positions, va
         offset = tower.position_offset
         if prefill_only and offset > 0:
             return None
-        where = _position_mask(positions, t.shape[0], offset + t.shape[1], t.device)[:, offset:]
+        where = position_mask(positions, t.shape[0], offset + t.shape[1], t.device)[:, offset:]
         where = where.reshape(*where.shape, *([1] * (t.ndim - 2)))
         return torch.where(where, torch.as_tensor(value, dtype=t.dtype, device=t.device), t)
 
     return hook_name, hook
+
+
+# ------------------------------------------------------------------------------------------ Neo et al.'s knockouts
+# Neo et al.'s layer windows of LLaVA-1.5-7B's 32 LM layers (attention_experiment_curate.py): early range(10),
+# early-mid range(5, 15), mid range(11, 21), mid-late range(15, 25), late range(21, 32), all range(32). Layer 10 is in
+# no window but early_mid and all (as in their code).
+NEO_LAYER_WINDOWS: dict[str, tuple[int, int]] = {"early": (0, 10), "early_mid": (5, 15), "mid": (11, 21),
+                                                 "mid_late": (15, 25), "late": (21, 32), "all": (0, 32)}
+
+
+@strict
+def layer_windows(n_layers: int, windows: Mapping[str, tuple[int, int]] = NEO_LAYER_WINDOWS, *,
+                  reference_layers: int = 32) -> dict[str, range]:
+    """Layer windows [start, stop) given for a `reference_layers`-layer model, scaled to `n_layers` layers: each
+    bound becomes floor(bound * n_layers / reference_layers + 1/2), and an emptied window keeps one layer
+    (range(start, start + 1), moved back to the last layer if needed). For n_layers == reference_layers they are the
+    windows themselves; for 4 layers Neo et al.'s become early range(0, 1), early_mid range(1, 2), mid range(1, 3),
+    mid_late range(2, 3), late range(3, 4), all range(0, 4)."""
+    if isinstance(n_layers, bool) or n_layers < 1:
+        raise ValueError(f"n_layers={n_layers!r}: pass the tower's number of layers (>= 1)")
+    out = {}
+    for name, (start, stop) in windows.items():
+        if not 0 <= start < stop <= reference_layers:
+            raise ValueError(f"window {name!r} = ({start}, {stop}) is not inside 0..{reference_layers}")
+        lo, hi = (math.floor(v * n_layers / reference_layers + 0.5) for v in (start, stop))
+        lo = min(lo, n_layers - 1)
+        out[name] = range(lo, max(hi, lo + 1))
+    return out
+
+
+# Neo et al.'s token sets (attention_experiment_curate.py), as (queries, keys) = the tokens that may not read, the
+# tokens they may not read. Their names: PATCH_TO_LAST_TOK, PATCH_PLUS_ONE_TO_LAST_TOK, PATCH_PLUS_TWO_TO_LAST_TOK,
+# ALL_MINUS_PATCH (image minus object+1 -> last token), PATCH_PLUS_ONE_TO_LAST_ROW, PATCH_TO_LAST_ROW (image minus
+# its last row -> last row).
+NEO_TOKEN_SETS = ("object->last", "object+1->last", "object+2->last", "image-object+1->last",
+                  "object+1->last_row", "image-last_row->last_row")
+
+
+def neo_token_sets(span: ImageSpan, objects: Mapping[int, Tensor], last: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Neo et al.'s knockout token sets for one example, as {name: (queries, keys)} in sequence positions, for
+    `attention_knockout(model, queries, keys, layers)`.
+
+    Args:
+        span: the example's `ImageSpan` (from `model.positions(**inputs).image[b][0]`); its last row is the image
+            tokens of the patch grid's last row.
+        objects: {buffer: patch mask [grid, grid] bool (or row-major patch indices)} for buffers 0, 1 and 2 (from
+            `spatial.object_patches(..., buffer=b)`).
+        last: the position of the example's last token (`positions.last[b]`).
+    """
+    missing = {0, 1, 2} - set(objects)
+    if missing:
+        raise ValueError(f"objects needs the patch sets of buffers 0, 1 and 2; missing {sorted(missing)}")
+    obj = {b: patch_positions(span, objects[b]).tolist() for b in (0, 1, 2)}
+    is_patch = span.rows >= 0
+    image = span.indices[is_patch].tolist()
+    last_row = span.indices[is_patch & (span.rows == int(span.rows.max()))].tolist()
+    plus_one, in_last_row = set(obj[1]), set(last_row)
+    return {
+        "object->last": ([last], obj[0]),
+        "object+1->last": ([last], obj[1]),
+        "object+2->last": ([last], obj[2]),
+        "image-object+1->last": ([last], [p for p in image if p not in plus_one]),
+        "object+1->last_row": (last_row, obj[1]),
+        "image-last_row->last_row": (last_row, [p for p in image if p not in in_last_row]),
+    }

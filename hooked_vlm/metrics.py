@@ -10,19 +10,32 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .arguments import strict
+from .tokens import BOUNDARY_PIECES
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 TokenIds = int | Sequence[int] | Tensor
 Position = int | Sequence[int] | Tensor
 
 
-# What a tokenizer emits for a word boundary alone (sentencepiece's "▁", byte-level BPE's "Ġ"): every answer word
-# shares it, so it tells none apart and is skipped when it comes first.
-_BOUNDARY_PIECES = ("▁", "Ġ")
+
+
+def _word_pieces(tokenizer, word: str) -> tuple[list[int], list[str]]:
+    """The ids and pieces of `word` as the model would generate it, a lone leading word-boundary piece dropped."""
+    if not isinstance(word, str):
+        raise TypeError(f"answer word={word!r} is a {type(word).__name__}: pass the word as a str")
+    if not word.strip():
+        raise ValueError(f"answer word={word!r} is empty: pass a non-empty word such as 'yes'")
+    ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    while ids and pieces[0] in BOUNDARY_PIECES:
+        ids, pieces = ids[1:], pieces[1:]
+    if not ids:
+        raise ValueError(f"answer word={word!r} tokenizes to word-boundary pieces only: pass a word with letters")
+    return [int(i) for i in ids], pieces
 
 
 @strict
@@ -30,21 +43,26 @@ def answer_token(tokenizer, word: str) -> int:
     """The token id that stands for the answer `word`: its first sub-word as the model would generate it (BLIP-VQA
     answers' first token), skipping a lone word-boundary piece. Refuses an empty word and one whose first real
     token is the tokenizer's unknown token (every unknown word would be measured as the same token)."""
-    if not isinstance(word, str):
-        raise TypeError(f"answer word={word!r} is a {type(word).__name__}: pass the word as a str")
-    if not word.strip():
-        raise ValueError(f"answer word={word!r} is empty: pass a non-empty word such as 'yes'")
-    ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    while ids and pieces[0] in _BOUNDARY_PIECES:
-        ids, pieces = ids[1:], pieces[1:]
-    if not ids:
-        raise ValueError(f"answer word={word!r} tokenizes to word-boundary pieces only: pass a word with letters")
+    ids, pieces = _word_pieces(tokenizer, word)
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and ids[0] == unk:
         raise ValueError(f"answer word={word!r} starts with the unknown token {pieces[0]!r} of this tokenizer: pass a "
                          "word in its vocabulary (its first token would be shared by every unknown word)")
-    return int(ids[0])
+    return ids[0]
+
+
+@strict
+def answer_tokens(tokenizer, word: str) -> list[int]:
+    """Every sub-token id of the answer `word`, in order, as the model would generate it (what V-SEAM's
+    `tokenizer.encode(answer, add_special_tokens=False)` gives, less a lone leading word-boundary piece, which every
+    word shares). `answer_tokens(tok, w)[0] == answer_token(tok, w)`. Refuses an empty word and one with a piece
+    the tokenizer does not know (its unknown token stands for every unknown word)."""
+    ids, pieces = _word_pieces(tokenizer, word)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        raise ValueError(f"answer word={word!r} holds the unknown token {pieces[ids.index(unk)]!r} of this tokenizer "
+                         f"(pieces {pieces}): pass a word in its vocabulary")
+    return ids
 
 
 def _ids(value: TokenIds | Position, what: str) -> TokenIds | Position:
@@ -141,6 +159,164 @@ def prob(token: TokenIds, position: Position = -1) -> Metric:
     """P(token) at `position`."""
     lp = log_prob(token, position)
     return lambda logits, examples: lp(logits, examples).exp()
+
+
+# ------------------------------------------------------------------------------------------ answers of several tokens
+# An answer as sub-tokens: one list of ids per example (`answer_tokens` of each word), or, as for the metrics above,
+# one id shared by every example or one id per example (a one-token answer each).
+AnswerIds = TokenIds | Sequence[Sequence[int]] | Sequence[Tensor]
+ANSWER_POLICIES = ("first", "last", "sum", "sequence")
+LOGIT_POLICIES = ("first", "last", "mean")
+
+
+class AnswerTable:
+    """Answers of one or more sub-tokens, one row per example: `ids` [B, K] padded, `mask` [B, K] True at each
+    example's real ids, `unique` [B, K] True at the first occurrence of each id (a sum over the answer's tokens counts
+    a token once), `lengths` [B]. `shared`: one answer for every example (B = 1). Built by `answer_table`."""
+
+    def __init__(self, ids: Tensor, mask: Tensor, shared: bool):
+        self.ids, self.mask, self.shared = ids, mask, shared
+        earlier = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril(-1)  # [j, i]: i before j
+        repeated = ((ids[:, :, None] == ids[:, None, :]) & mask[:, None, :] & earlier).any(-1)
+        self.unique = mask & ~repeated
+        self.lengths = mask.sum(1)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def rows(self, examples: Int[Tensor, "N"]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ids, mask, unique, lengths) of each row of a stacked batch (row -> example, as a metric receives it)."""
+        if self.shared:
+            n = examples.shape[0]
+            pick = lambda t: t.to(examples.device).expand(n, *t.shape[1:])  # noqa: E731
+        else:
+            n_examples = int(examples.max()) + 1 if examples.numel() else 0
+            if n_examples != len(self):
+                raise ValueError(f"answers: {len(self)} given, but the batch has {n_examples} examples; give one per "
+                                 "example (or a single answer for all)")
+            pick = lambda t: t.to(examples.device)[examples]  # noqa: E731
+        return pick(self.ids), pick(self.mask), pick(self.unique), pick(self.lengths)
+
+
+def answer_table(answers: AnswerIds | AnswerTable, what: str = "answers") -> AnswerTable:
+    """`answers` as an `AnswerTable`, checked once, when a metric is made: an int (one token for every example), one
+    int per example (a list or 1-d integer tensor), one list of sub-token ids per example (ragged; e.g.
+    `[metrics.answer_tokens(tok, w) for w in words]`) or a [B, K] integer tensor. Words are refused with a hint."""
+    if isinstance(answers, AnswerTable):
+        return answers
+    if isinstance(answers, (str, bytes)) or (isinstance(answers, Sequence) and answers
+                                             and isinstance(answers[0], (str, bytes))):
+        raise TypeError(f"{what}={answers!r:.80} are words, not token ids: pass their sub-token ids, e.g. "
+                        f"[metrics.answer_tokens(tokenizer, w) for w in words] (or metrics.answer_token for the first)")
+    nested = (isinstance(answers, Tensor) and answers.ndim == 2) or (
+        isinstance(answers, Sequence) and len(answers) and isinstance(answers[0], (Sequence, Tensor))
+        and not (isinstance(answers[0], Tensor) and answers[0].ndim == 0))
+    if not nested:
+        t = torch.as_tensor(_ids(answers, what))
+        shared = t.ndim == 0
+        t = t.reshape(-1, 1).long()
+        return AnswerTable(t, torch.ones_like(t, dtype=torch.bool), shared)
+    rows = []
+    for i, row in enumerate(answers):
+        if isinstance(row, (Sequence, Tensor)) and not len(row):
+            raise ValueError(f"{what}[{i}] is empty: every answer needs at least one token id")
+        try:
+            r = torch.as_tensor(row)
+        except (TypeError, ValueError, RuntimeError):
+            r = None
+        if r is None or r.ndim != 1 or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+            raise TypeError(f"{what}[{i}]={row!r:.80} is not a list of token ids: pass one list of sub-token ids per "
+                            "example")
+        rows.append(r.long())
+    if not rows:
+        raise ValueError(f"{what} is empty: pass one answer per example")
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], batch_first=True)
+    return AnswerTable(ids, mask, shared=False)
+
+
+def _check_vocab(ids: Tensor, mask: Tensor, V: int, what: str) -> None:
+    real = ids[mask]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
+        bad = real[(real < 0) | (real >= V)][0]
+        raise ValueError(f"{what}: token id {int(bad)} is out of range for a vocabulary of {V}")
+
+
+@strict
+def answer_prob(answers: AnswerIds | AnswerTable, policy: str = "first", position: Position = -1) -> Metric:
+    """P(answer) at `position` under an explicit answer-token policy, for answers of one or more sub-tokens
+    (`answers`: see `answer_table`; one list of `answer_tokens` per example):
+
+        first: P of the answer's first sub-token (V-SEAM's head scores, ablations and rescaling; BLIP-VQA).
+        last: P of its last sub-token (NOTICE's LLaVA answers).
+        sum: the sum of P over its distinct sub-tokens, all read at `position` (V-SEAM's patching metric).
+        sequence: P of the whole sequence, teacher-forced: the inputs must hold the answer's tokens right after
+            the prompt, `position` is the prompt's last token, and sub-token j is read at position + j.
+    """
+    if policy not in ANSWER_POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(ANSWER_POLICIES)}, got {policy!r}")
+    table, position = answer_table(answers), _ids(position, "position")
+
+    def metric(logits: Tensor, examples: Tensor) -> Tensor:
+        examples = examples.to(logits.device)
+        ids, mask, unique, lengths = table.rows(examples)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        if policy == "sequence":
+            if logits.ndim != 3:
+                raise ValueError("policy='sequence' reads one position per answer token: pass [N, T, V] logits")
+            T = logits.shape[1]
+            start = per_row(position, examples, "position", T) % T
+            at = start[:, None] + torch.arange(ids.shape[1], device=ids.device)  # [N, K]
+            if int(torch.where(mask, at, 0).max()) >= T:
+                raise ValueError(f"policy='sequence': the answer's tokens run past the {T} positions of the inputs; "
+                                 "append each answer to its prompt and pass the prompt's last position")
+            lp = logits[rows[:, None], at.clamp(max=T - 1)].float().log_softmax(-1)  # [N, K, V]
+            _check_vocab(ids, mask, lp.shape[-1], "answers")
+            picked = lp.gather(-1, ids[..., None])[..., 0]
+            return torch.where(mask, picked, 0.0).sum(1).exp()
+        p = logits_at(logits, position, examples).float().softmax(-1)  # [N, V]
+        _check_vocab(ids, mask, p.shape[-1], "answers")
+        if policy == "first":
+            return p[rows, ids[:, 0]]
+        if policy == "last":
+            return p[rows, ids[rows, lengths - 1]]
+        return torch.where(unique, p.gather(1, ids), 0.0).sum(1)
+
+    return metric
+
+
+@strict
+def answer_logit(answers: AnswerIds | AnswerTable, policy: str = "mean", position: Position = -1) -> Metric:
+    """The logit of the answer at `position`: of its first or last sub-token, or the mean over its distinct
+    sub-tokens (`mean`, V-SEAM's second patching metric)."""
+    if policy not in LOGIT_POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(LOGIT_POLICIES)}, got {policy!r}")
+    table, position = answer_table(answers), _ids(position, "position")
+
+    def metric(logits: Tensor, examples: Tensor) -> Tensor:
+        examples = examples.to(logits.device)
+        ids, mask, unique, lengths = table.rows(examples)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        at = logits_at(logits, position, examples).float()
+        _check_vocab(ids, mask, at.shape[-1], "answers")
+        if policy == "first":
+            return at[rows, ids[:, 0]]
+        if policy == "last":
+            return at[rows, ids[rows, lengths - 1]]
+        return torch.where(unique, at.gather(1, ids), 0.0).sum(1) / unique.sum(1)
+
+    return metric
+
+
+@strict
+def correct(logits: Float[Tensor, "B *T V"], answers: AnswerIds | AnswerTable, position: Position = -1) -> Bool[Tensor, "B"]:
+    """Per example, whether the model's top token at `position` is one of its answer's sub-tokens (V-SEAM's
+    correctness: `argmax in tokenizer.encode(answer)`); with one id per example, whether it is that id."""
+    table, position = answer_table(answers), _ids(position, "position")
+    examples = torch.arange(logits.shape[0], device=logits.device)
+    ids, mask, _, _ = table.rows(examples)
+    top = logits_at(logits, position, examples).argmax(-1)
+    return ((ids == top[:, None]) & mask).any(1)
 
 
 def evaluate(metric: Metric, logits: Tensor, examples: Int[Tensor, "N"], where: str) -> Float[Tensor, "N"]:

@@ -74,20 +74,25 @@ def heatmap(scores: Float[Tensor, "rows cols"], path: str | Path, *, title: str 
     return _save(fig, path)
 
 
-def patch_overlay(image: Image.Image, scores: Float[Tensor, "n_patches"], path: str | Path, *, grid: int | None = None,
-                  title: str = "", alpha: float = 0.55, cmap: str = "RdBu_r", centered: bool = True) -> Path:
-    """Per-patch scores (one per image token, row-major over the patch grid, class token excluded) drawn over the
-    image as seen by the model (pass the resized/cropped image for a faithful overlay)."""
+def patch_overlay(image: Image.Image, scores: Float[Tensor, "n_patches"] | Float[Tensor, "rows cols"],
+                  path: str | Path, *, grid: int | None = None, title: str = "", alpha: float = 0.55, cmap: str = "RdBu_r", centered: bool = True) -> Path:
+    """Per-patch scores (one per image token, row-major over the patch grid, class token excluded; or the
+    [rows, cols] map itself, as `overlays.head_overlay` returns it) drawn over the image as seen by the model (pass
+    the resized/cropped image for a faithful overlay)."""
     plt = _pyplot()
-    values = torch.as_tensor(scores).detach().float().cpu().numpy().ravel()
-    grid = grid or int(round(values.size**0.5))
-    if grid * grid != values.size:
-        raise ValueError(f"{values.size} scores do not fill a {grid}x{grid} patch grid; drop the class token or pass grid")
+    values = torch.as_tensor(scores).detach().float().cpu().numpy()
+    if values.ndim != 2:
+        values = values.ravel()
+        grid = grid or int(round(values.size**0.5))
+        if grid * grid != values.size:
+            raise ValueError(f"{values.size} scores do not fill a {grid}x{grid} patch grid; drop the class token or "
+                             "pass grid")
+        values = values.reshape(grid, grid)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.imshow(image.convert("RGB"))
     lo, hi = _limits(values, centered)
     w, h = image.size
-    im = ax.imshow(values.reshape(grid, grid), cmap=cmap, vmin=lo, vmax=hi, alpha=alpha, extent=(0, w, h, 0),
+    im = ax.imshow(values, cmap=cmap, vmin=lo, vmax=hi, alpha=alpha, extent=(0, w, h, 0),
                    interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set(title=title, xticks=[], yticks=[])

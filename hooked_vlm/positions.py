@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+
+from .tokens import BOUNDARY_PIECES
 
 
 @dataclass
@@ -120,3 +124,63 @@ class Positions:
         tokens = tokenizer.convert_ids_to_tokens(ids)
         raise ValueError(f"{phrase!r} does not occur {occurrence + 1} time(s) in example {example}, whose tokens "
                          f"are {tokens}")
+
+    def find_each(self, tokenizer, words: str | Sequence[str], *, sub_token: Literal["first", "last"],
+                  occurrence: int = 0) -> Int[Tensor, "B"]:
+        """Per example, the position of one sub-token of a whole word of its prompt: `words[b]` (or one word for
+        all) at its `occurrence`-th whole-word match in example b, its first or last sub-token (`sub_token`, no
+        default: NOTICE's BLIP code reads the first wordpiece of the answer word, its LLaVA code the last).
+
+        Whole words only: "cat" is not found inside "cats", nor "at" inside "cat"; a word-boundary piece alone
+        (sentencepiece's "▁" before "b l u e") is not a sub-token of the word. The result [B] indexes the
+        sequence this object describes (image tokens included), e.g. `patch_heads(..., positions=toi[:, None],
+        by_position=True)` patches one head at each example's token of interest. An error lists the prompt's
+        tokens when a word is not there.
+        """
+        if sub_token not in ("first", "last"):
+            raise ValueError(f"sub_token must be 'first' or 'last', got {sub_token!r}")
+        B = self.input_ids.shape[0]
+        words = [words] * B if isinstance(words, str) else list(words)
+        if len(words) != B:
+            raise ValueError(f"{len(words)} words for {B} examples: pass one word per example (or one str for all)")
+        out = []
+        for b, word in enumerate(words):
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError(f"example {b}: the word must be a non-empty str, got {word!r}")
+            ids = self.input_ids[b][self.attention_mask[b].bool()].tolist()
+            offset = int(torch.nonzero(self.attention_mask[b]).flatten()[0]) if ids else 0  # left padding
+            matches = _whole_word_matches(tokenizer, ids, word.strip())
+            if len(matches) <= occurrence:
+                raise ValueError(f"{word!r} does not occur {occurrence + 1} time(s) as a whole word in example {b}, "
+                                 f"whose tokens are {tokenizer.convert_ids_to_tokens(ids)}")
+            start, stop = matches[occurrence]
+            out.append(offset + (start if sub_token == "first" else stop - 1))
+        return torch.tensor(out, dtype=torch.long)
+
+
+def _whole_word_matches(tokenizer, ids: list[int], word: str) -> list[tuple[int, int]]:
+    """[start, stop) of each run of `ids` that spells `word` as a whole word (nothing glued on either side), in
+    order, without a leading word-boundary piece."""
+    found: dict[int, int] = {}
+    for variant in (" " + word, word):
+        target = list(tokenizer(variant, add_special_tokens=False)["input_ids"])
+        pieces = tokenizer.convert_ids_to_tokens(target)
+        while target and pieces[0] in BOUNDARY_PIECES:  # "▁" "b" "l" "u" "e": the word is "b" .. "e"
+            target, pieces = target[1:], pieces[1:]
+        n = len(target)
+        for i in range(len(ids) - n + 1 if n else 0):
+            if i not in found and ids[i:i + n] == target and not _glued(tokenizer, ids, i, i + n):
+                found[i] = i + n
+    return sorted(found.items())
+
+
+def _glued(tokenizer, ids: list[int], start: int, stop: int) -> bool:
+    """Whether the token before `start` or the one at `stop` continues the word (decoded, the characters meet
+    without a space: "cat" + "##s", "▁ca" + "t")."""
+    def joins(a: list[int], b: list[int]) -> bool:
+        left, both = tokenizer.decode(a), tokenizer.decode(a + b)
+        rest = both[len(left):] if both.startswith(left) else " "
+        return bool(left) and left[-1].isalnum() and rest[:1].isalnum()
+
+    return (start > 0 and joins(ids[start - 1:start], ids[start:stop])) or (
+        stop < len(ids) and joins(ids[start:stop], ids[stop:stop + 1]))

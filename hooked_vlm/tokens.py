@@ -24,6 +24,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+# What a tokenizer emits for a word boundary alone (sentencepiece's "▁", byte-level BPE's "Ġ"): every answer word
+# shares it, so it tells none apart and is skipped when it comes first.
+BOUNDARY_PIECES = ("▁", "Ġ")
+
 __all__ = ["TokenLayout", "TokenMethods"]
 
 

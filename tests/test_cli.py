@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hooked_vlm import HookedVLM, cli, metrics, patching
+from hooked_vlm import HookedVLM, cli, corruption, metrics, patching
 from hooked_vlm.tiny import build_llava, random_image
 
 FAMILIES = {"tiny": "text_encoder", "tiny-llava": "lm", "tiny-instructblip": "lm",
@@ -120,6 +120,38 @@ def test_trace_window_and_lens(capsys, tmp_path):
     assert strict_json(tmp_path / "trace.json")["window"] == 2
     code, out, _ = run(capsys, "lens", "--k", "3")
     assert code == 0 and "layer   1:" in out
+
+
+def _scores(path) -> torch.Tensor:
+    return torch.tensor([[math.nan if v is None else v for v in row] for row in strict_json(path)["scores"]])
+
+
+def test_trace_corruptions(capsys, tmp_path):
+    """The default --corruption gaussian is the library's causal_trace with noise=3 and seed 0 (as before the
+    option existed); --corruption multiplicative (Palit et al.'s eps ~ N(1, 5), drawn anew in every forward) runs
+    and gives other scores, and the JSON says which corruption made them."""
+    code, _, err = run(capsys, "trace", "--out", str(tmp_path / "gaussian"), "--batch-size", "16")
+    assert code == 0, err
+    code, _, err = run(capsys, "trace", "--corruption", "multiplicative", "--redraw", "forward", "--out",
+                       str(tmp_path / "multiplicative"), "--batch-size", "16")
+    assert code == 0, err
+    gaussian, multiplicative = (_scores(tmp_path / kind / "trace.json") for kind in ("gaussian", "multiplicative"))
+    assert gaussian.shape == multiplicative.shape and torch.isfinite(multiplicative).any()
+    assert not torch.allclose(gaussian, multiplicative, equal_nan=True)
+    meta = strict_json(tmp_path / "multiplicative" / "trace.json")
+    assert meta["corruption"] == {"kind": "multiplicative", "mean": 1.0, "std": 5.0, "site": "image",
+                                  "positions": None, "seed": 0, "redraw": "forward"}
+    assert strict_json(tmp_path / "gaussian" / "trace.json")["noise"] == 3.0
+
+    model = tiny_model("tiny")
+    pair = corruption.synthetic_pairs(1, "color", seed=0)[0]
+    inputs = dict(model.processor(images=pair.clean_image, text=model.prompt_template.format(question=pair.prompt),
+                                  return_tensors="pt"))
+    with torch.no_grad():
+        target = model(**inputs)[:, -1].argmax(-1)
+    expected = patching.causal_trace(model, inputs, target, tower="text_encoder", noise=3.0, seed=0, normalize=True,
+                                     progress=False)
+    torch.testing.assert_close(gaussian, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 def test_non_finite_scores_are_written_as_null_with_a_warning(capsys, tmp_path, monkeypatch):

@@ -431,3 +431,62 @@ def test_head_interventions_on_llava_and_instructblip(family):
             ref = model.run_with_hooks(**inputs, fwd_hooks=[(name, lambda z, hook, edit=edit: edit(z))])
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)  # mean_of_others sums in another order
             assert not torch.allclose(ours, model(**inputs))
+
+
+# ------------------------------------------------------------------------------------------ Neo et al.'s knockouts
+def test_layer_windows_are_the_authors_and_scale():
+    assert interventions.layer_windows(32) == {"early": range(10), "early_mid": range(5, 15), "mid": range(11, 21),
+                                               "mid_late": range(15, 25), "late": range(21, 32), "all": range(32)}
+    small = interventions.layer_windows(4)
+    assert small == {"early": range(0, 1), "early_mid": range(1, 2), "mid": range(1, 3), "mid_late": range(2, 3),
+                     "late": range(3, 4), "all": range(4)}
+    for n in (1, 2, 3, 7, 40):
+        for window in interventions.layer_windows(n).values():
+            assert 0 <= window.start < window.stop <= n  # never empty, always inside the tower
+    with pytest.raises(ValueError, match="inside"):
+        interventions.layer_windows(8, {"bad": (5, 40)})
+
+
+def test_neo_token_sets_and_their_from_to_convention():
+    """Each set as the authors' code builds it, and blocked as their `block_attention` blocks it: their pairs (to, from)
+    are (query, key), i.e. our attention_knockout(from_positions=their "to", to_positions=their "from")."""
+    import itertools
+
+    from hooked_vlm import spatial
+    from hooked_vlm.tiny import build_llava
+
+    hf, processor = build_llava(seed=2, image_size=32, patch=8)  # a 4 x 4 patch grid
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=[random_image(seed=0), random_image(seed=1)],
+                       text=["USER: <image>\nwhat is in the picture? ASSISTANT: It is a",
+                             "USER: <image>\nhi ASSISTANT: It is a"], padding=True, return_tensors="pt")
+    positions = model.positions(**inputs)
+    patches = torch.zeros(4, 4, dtype=torch.bool)
+    patches[1, 1] = True
+    objects = {b: spatial.dilate(patches, b) for b in (0, 1, 2)}
+    T = inputs["input_ids"].shape[1]
+    for b in range(2):
+        span, last = positions.image[b][0], int(positions.last[b])
+        sets = interventions.neo_token_sets(span, objects, last)
+        start, end = span.start, span.stop  # the authors' start_end_indices (end exclusive)
+        plus_one = [start + r * 4 + c for r in range(3) for c in range(3)]
+        assert sets["object->last"] == ([last], [start + 5])
+        assert sorted(sets["object+1->last"][1]) == plus_one
+        assert sorted(sets["object+2->last"][1]) == list(range(start, end))  # +2 covers the 4 x 4 grid
+        assert sorted(sets["image-object+1->last"][1]) == sorted(set(range(start, end)) - set(plus_one))
+        assert sets["object+1->last_row"][0] == list(range(end - 4, end))
+        assert sets["image-last_row->last_row"] == (list(range(end - 4, end)), list(range(start, end - 4)))
+        for name, (queries, keys) in sets.items():
+            theirs = {"from": keys, "to": queries}  # their experiment dict
+            blocked = torch.zeros(1, 1, T, T, dtype=torch.bool)
+            for i, j in itertools.product(theirs["to"], theirs["from"]):  # get_attention_block_dict
+                blocked[..., i, j] = True  # attention_mask[:, :, i, j] = False
+            hooks = interventions.attention_knockout(model, [queries if e == b else [] for e in range(2)],
+                                                     [keys if e == b else [] for e in range(2)], [0])
+            with torch.no_grad(), model.hooks(hooks):
+                _, cache = model.run_with_cache(**inputs, names_filter="lm.blocks.0.attn.hook_pattern")
+            pattern = cache["lm.blocks.0.attn.hook_pattern"][b]
+            real = inputs["attention_mask"][b].bool()
+            valid = torch.ones(T, T).tril().bool() & real[None, :] & real[:, None]  # causal, no pads
+            assert (pattern[:, blocked[0, 0] & valid] == 0).all(), name
+            assert (pattern[:, ~blocked[0, 0] & valid] > 0).all(), name

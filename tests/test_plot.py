@@ -29,3 +29,12 @@ def test_heatmap_and_overlay_write_pngs(tmp_path):
         assert im.format == "PNG"
     with pytest.raises(ValueError, match="patch grid"):
         plot.patch_overlay(random_image((64, 64)), torch.randn(17), tmp_path / "x.png")
+
+
+def test_overlay_takes_a_grid_map_as_head_overlay_returns_it(tmp_path):
+    """A [rows, cols] map is drawn as it is (NaN where no patch), not flattened and re-squared."""
+    grid = torch.randn(3, 5)
+    grid[0, 0] = float("nan")
+    out = plot.patch_overlay(random_image((80, 48)), grid, tmp_path / "grid.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG"

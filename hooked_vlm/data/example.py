@@ -40,3 +40,26 @@ class Example:
     corrupt_image: ImageFile | None = None
     corrupt_question: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def source_file(path: str | Path, what: str) -> Path:
+    """The data file `path`, checked to exist (`what` names the format in the error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    return path
+
+
+def image_folder(folder: str | Path | None, label: str = "image") -> Path | None:
+    """An image folder, checked to exist (None: no images)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the {label} folder {folder} does not exist")
+    return folder
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit={limit!r}: pass a number of questions >= 0 or None")

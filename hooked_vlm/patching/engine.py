@@ -1,0 +1,408 @@
+"""The runs of a sweep: the clean and corrupted runs made once (`_Setup`, `_Runs`), a `Corruption` bound to a batch
+(`_Bound`), the cells of each layer stacked along the batch and resumed at that layer (`_Runs.sweep`), and the
+checks and batch helpers they share."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .. import metrics as metrics_
+from .. import names
+from ..components.kv_cache import KVCache
+from ..corruption.noise import Corruption, empirical_std
+from ..hooks import HookSpec
+from ..models.base import HookedVLM
+from .groups import Patch, _Cells, _group, _make_cells, _tower_positions, example_positions
+
+Direction = Literal["denoise", "noise"]
+Corrupt = Mapping[str, Any] | Corruption
+
+
+# ---------------------------------------------------------------------------------------------- corruptions
+def _site_hook(model: HookedVLM, c: Corruption, tower: str) -> str | None:
+    """The hook a corruption changes (None for hooks of the user's own)."""
+    if c.kind == "hooks":
+        for name, _ in c.hooks:
+            if isinstance(name, str) and name not in model.hook_dict:
+                raise ValueError(f"from_hooks: {name!r} is not a hook of this model (model.hook_names() lists them)")
+        return None
+    if c.site == "image":
+        site = model.image_embeddings_hook
+        if not site or site not in model.hook_dict:
+            raise ValueError(f"{site or 'image_embeddings_hook'} is not a hook of this model: nothing to add noise "
+                             "to")
+        return site
+    if c.site == "tokens":
+        site = names.tower_hook(c.tower or tower, "hook_embed")
+        if site not in model.hook_dict:
+            raise ValueError(f"site='tokens': {site} is not a hook of this model: name a tower with token embeddings")
+        return site
+    if c.site not in model.hook_dict:
+        raise ValueError(f"site={c.site!r} is not a hook of this model; pass 'image', 'tokens' or a hook name "
+                         "(model.hook_names() lists them)")
+    return c.site
+
+
+class _Bound:
+    """A corruption bound to a batch: its site, the positions it changes there ([B, T] mask; None: all), the
+    scale of a Gaussian; `hooks(sample, forwards)` for a batch of len(forwards) stacked copies of the B examples,
+    copy k being forward `forwards[k]` (see `Corruption.seed_of`)."""
+
+    def __init__(self, model: HookedVLM, c: Corruption, tower: str, site: str | None, clean_cache: Any):
+        self.c, self.site, self.mask, self.std = c, site, None, None
+        self._drawn: dict[int, Tensor] = {}
+        if site is None:  # hooks of the user's own
+            self.shape = None
+            return
+        values = clean_cache[site]
+        self.shape = tuple(values.shape)
+        B, T = values.shape[:2]
+        mask = None
+        if c.site == "image":
+            image = model.image_embeddings_mask(clean_cache.positions) if clean_cache.positions is not None else None
+            mask = None if image is None else image.bool().cpu()
+        if c.positions is not None:
+            pos = _tower_positions(model, names.parse(site).tower, clean_cache.positions)
+            pos = pos if pos is not None and pos.input_ids.shape[1] == T else None
+            if isinstance(c.positions, (list, tuple, Tensor)) and _ints(c.positions):
+                members = list(example_positions(c.positions, B, T))  # a list shared or [B, P] per example
+            else:
+                members = _group(c.positions, "positions", pos, B, T)
+            chosen = torch.zeros(B, T, dtype=torch.bool)
+            for b, m in enumerate(members):
+                chosen[b, m.cpu()] = True
+            mask = chosen if mask is None else mask & chosen
+        self.mask = mask
+        if c.kind == "gaussian":
+            given = c.params.get("std")
+            self.std = float(given) if given is not None else (empirical_std(values, mask) if c.params["scale"]
+                                                               else 0.0)
+        elif mask is not None and not mask.any():
+            raise ValueError("no site to corrupt: the positions select nothing")
+
+    @property
+    def cut_allowed(self) -> bool:
+        """False when the corruption touches a block hook (the sweep's resumed runs would see it on a suffix)."""
+        sites = [self.site] if self.site is not None else [name for name, _ in self.c.hooks]
+        return all(isinstance(s, str) and names.parse(s).layer is None for s in sites)
+
+    def hooks(self, sample: int, forwards: Sequence[int]) -> list[HookSpec]:
+        c = self.c
+        if c.kind == "hooks":
+            return list(c.hooks)
+        n, B = len(forwards), self.shape[0]
+        noise = None
+        if c.per_forward:
+            noise = torch.cat([c.draw(self.shape, sample, f) for f in forwards])
+        elif c.random:
+            if sample not in self._drawn:
+                self._drawn = {sample: c.draw(self.shape, sample)}
+            noise = self._drawn[sample].repeat(n, *([1] * (len(self.shape) - 1)))
+        mask = None if self.mask is None else self.mask.repeat(n, 1)
+        site, shape = self.site, self.shape
+
+        def corrupt(t: Tensor, hook: Any) -> Tensor:
+            if t.shape[0] != n * B or tuple(t.shape[1:]) != shape[1:]:
+                raise ValueError(f"the corruption of {site} was drawn for activations of shape {shape} ({n} "
+                                 f"stacked), but the activation has shape {tuple(t.shape)}")
+            return c.apply(t, mask, noise, self.std)
+
+        return [(site, corrupt)]
+
+
+def _ints(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+class _Setup:
+    """The runs of a sweep, shared by its samples: with corrupted inputs, the two runs; with a `Corruption`, the
+    clean run once (the values to patch in or the clean metric, and what the corruption reads), then per sample
+    the corrupted run."""
+
+    def __init__(self, model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric,
+                 tower: str, leaves: list[str], direction: Direction, samples: int):
+        if direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+        _check_corrupt(model, clean, corrupt)
+        if samples > 1 and not (isinstance(corrupt, Corruption) and corrupt.random):
+            what = "corrupted inputs" if isinstance(corrupt, Mapping) else f"a {corrupt.kind} corruption"
+            raise ValueError(f"samples={samples} with {what}: every sample would be the same run; samples average "
+                             "the draws of a random corruption (gaussian, multiplicative)")
+        self.model, self.clean, self.corrupt, self.metric = model, clean, corrupt, metric
+        self.tower, self.leaves, self.direction, self.samples = tower, leaves, direction, samples
+        if not isinstance(corrupt, Corruption):
+            return
+        site = _site_hook(model, corrupt, tower)
+        wanted = _target_wanted(model, tower, leaves)
+        with torch.no_grad():
+            self.clean_run = model.run_with_cache(**clean, tower_outputs=True,
+                                                  names_filter=lambda n: wanted(n) or n == site)
+        self.bound = _Bound(model, corrupt, tower, site, self.clean_run[1])
+
+    def runs(self, sample: int) -> "_Runs":
+        model, clean, tower, leaves = self.model, self.clean, self.tower, self.leaves
+        if not isinstance(self.corrupt, Corruption):
+            return _Runs.for_direction(model, clean, self.corrupt, self.metric, tower, self.direction, leaves)
+        bound = self.bound
+        if self.direction == "denoise":
+            return _Runs(model, clean, self.clean_run, self.metric, tower, leaves, clean_is_source=True,
+                         target_hooks=lambda forwards: bound.hooks(sample, forwards),
+                         resumable=not self.corrupt.per_forward, cut_allowed=bound.cut_allowed)
+        with torch.no_grad(), model.hooks(bound.hooks(sample, [0])):
+            corrupted = model.run_with_cache(**clean, names_filter=names.in_blocks(tower, *leaves))
+        return _Runs(model, clean, corrupted, self.metric, tower, leaves, clean_is_source=False,
+                     target_run=self.clean_run)
+
+    def average(self, one: Callable[["_Runs"], Tensor]) -> Tensor:
+        results = [one(self.runs(sample)) for sample in range(self.samples)]
+        return results[0] if len(results) == 1 else torch.stack(results).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _target_wanted(model: HookedVLM, tower: str, leaves: list[str]) -> Callable[[str], bool]:
+    """What the target run keeps: the patched hooks (to check that lengths agree), the stream entering each block
+    and the keys and values of a causal tower (what the resumed runs start from)."""
+    wanted = names.in_blocks(tower, *leaves)
+    stream = names.in_blocks(tower, "hook_resid_pre")
+    kv_names = set(model.prefix_hook_names(tower)) if model.towers()[tower].prefix_resumable else set()
+    return lambda name: wanted(name) or name in kv_names or stream(name)
+
+
+class _Runs:
+    """One sweep: the source run (values to patch in; given as inputs, as a finished `(logits, cache)` run, or
+    None for an ablation sweep) and the target run (the one patched), done once each, and the runs of its cells.
+
+    `target_hooks(forwards)` corrupt the target run (a `Corruption`'s hooks): the target run is forward 0, the
+    cell of layer L and variant v forward 1 + L * n_variants + v. They also run in the cells' runs, whose batch holds
+    several copies of the target batch. `resumable=False` (a corruption drawn anew in every forward) runs the cells
+    as whole forwards; otherwise they resume at the patched layer. `target_run`: the target run already made."""
+
+    def __init__(self, model: HookedVLM, target: Mapping[str, Any],
+                 source: Mapping[str, Any] | tuple[Tensor, Any] | None,
+                 metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
+                 target_hooks: Callable[[list[int]], list[HookSpec]] | None = None,
+                 target_run: tuple[Tensor, Any] | None = None, resumable: bool = True, cut_allowed: bool = True):
+        if not callable(metric):
+            raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
+                            "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
+        self.model, self.metric, self.tower = model, metric, tower
+        self.n_layers = model.tower_info(tower).n_layers
+        self.target, self.target_hooks = dict(target), target_hooks
+        self.resumable, self.cut_allowed = resumable, cut_allowed
+        self.B = _batch_size(self.target)
+        wanted = names.in_blocks(tower, *leaves)
+        # a causal tower with a KV cache resumes on the positions after the first patched one: the target run's
+        # keys and values stand for the unchanged prefix (`model.prefix_cache`)
+        self.prefix_resumable = model.towers()[tower].prefix_resumable
+
+        with torch.no_grad():
+            if isinstance(source, tuple):  # a run the caller already made (its cache must hold the leaves)
+                source_logits, self.source = source
+            elif source is not None:
+                source_logits, self.source = model.run_with_cache(**source, names_filter=wanted)
+            if target_run is not None:
+                target_logits, self.target_cache = target_run
+            else:  # what the resumed runs start from: the stream, the towers' outputs, the patched hooks
+                with model.hooks(target_hooks([0]) if target_hooks is not None else []):
+                    target_logits, self.target_cache = model.run_with_cache(
+                        **self.target, tower_outputs=True, names_filter=_target_wanted(model, tower, leaves))
+        self.target_logits = target_logits
+        if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
+            source_logits, self.source = target_logits, self.target_cache
+        examples = torch.arange(self.B, device=target_logits.device)
+        m_source = metrics_.evaluate(metric, source_logits, examples, "the unpatched run")
+        m_target = metrics_.evaluate(metric, target_logits, examples, "the unpatched run")
+        metrics_.check_finite(m_source, "the unpatched source run's examples")
+        metrics_.check_finite(m_target, "the unpatched target run's examples")
+        self.m_clean, self.m_corrupt = (m_source, m_target) if clean_is_source else (m_target, m_source)
+        order = list(model.tower_names)
+        self.given = {t: out for t, out in self.target_cache.tower_outputs.items()
+                      if order.index(t) < order.index(tower)} if resumable else {}
+
+    @classmethod
+    def for_direction(cls, model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
+                      metric: metrics_.Metric, tower: str, direction: Direction, leaves: list[str]) -> "_Runs":
+        if direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+        _check_inputs(model, clean, corrupt)
+        target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+        return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise")
+
+    def source_act(self, leaf: str) -> Tensor:
+        name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
+        if name is None:
+            raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
+        return self.source[name]
+
+    def length(self, leaf: str, dim: int = 1) -> int:
+        """The length of the patched sequence; checks that source and target agree where positions align."""
+        name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
+        if name is None:
+            raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
+        source_len, target_len = self.source[name].shape[dim], self.target_cache[name].shape[dim]
+        if source_len != target_len:
+            raise ValueError(
+                f"the clean and corrupted inputs differ in length at {name} ({source_len} vs {target_len} "
+                f"positions), so position-wise patching would pair unrelated tokens; make their token counts "
+                "equal or patch named spans")
+        return source_len
+
+    def positions(self, positions: Sequence[int] | Tensor | None, leaf: str, dim: int = 1) -> Tensor:
+        """Positions per example [B, P]; checks that source and target agree in length where positions align."""
+        return example_positions(positions, self.B, self.length(leaf, dim))
+
+    def cells(self, positions: Sequence[int] | Tensor | None, groups: Any, leaf: str, dim: int = 1) -> _Cells:
+        """The cells of each layer: one per position, or one per group of `groups`."""
+        pos = _tower_positions(self.model, self.tower, getattr(self.target_cache, "positions", None))
+        return _make_cells(positions, groups, pos, self.B, self.length(leaf, dim))
+
+    def _prefix(self, first: int, cut: int, n: int) -> KVCache | None:
+        """The target run's keys and values of the first `cut` positions, for n stacked copies of the batch."""
+        if not cut:
+            return None
+        prefix = self.model.prefix_cache(self.tower, self.target_cache, cut, start_layer=first)
+        return prefix if n == 1 else prefix.select(torch.arange(self.B).repeat(n))
+
+    def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
+              batch_size: int, progress: bool, per_example: bool = False, cut: int = 0
+              ) -> Float[Tensor, "n_layers n_variants *B"]:
+        """For each layer, the metric of each variant (mean over examples, or per example), patched at the hooks
+        `cell_hooks(layer)` (all in this tower; the run resumes at the first of their blocks).
+
+        `cut`: no patch touches a position before it. In a causal tower with a KV cache those positions are then
+        the target run's at every layer, so the resumed runs compute only the positions from `cut` on, with the
+        target's keys and values for the rest, and take the target's logits there."""
+        B = self.B
+        if normalize:  # before any cell runs: an example whose clean and corrupted metrics are equal has no scale
+            metrics_.check_normalizable(self.m_clean, self.m_corrupt)
+        cut = cut if self.prefix_resumable and self.resumable and self.cut_allowed else 0
+        per_chunk = max(1, batch_size // B)  # variants per forward
+        out = torch.full((self.n_layers, n_variants, B), float("nan"))
+        layers = [layer for layer in range(self.n_layers)
+                  if cell_hooks(layer) and all(name in self.source.keys() for name in cell_hooks(layer))]
+        if self.resumable:  # the cells of one layer per forward, resumed at that layer
+            chunks = [[(layer, v) for v in range(start, min(start + per_chunk, n_variants))]
+                      for layer in layers for start in range(0, n_variants, per_chunk)]
+        else:  # every cell draws its own corruption: whole forwards, any cells stacked together
+            cells = [(layer, v) for layer in layers for v in range(n_variants)]
+            chunks = [cells[i:i + per_chunk] for i in range(0, len(cells), per_chunk)]
+        bar = _progress(len(chunks), progress and len(chunks) > 8, f"patching {self.tower}")
+        offset = cut if self.resumable else 0
+        for chunk in chunks:
+            n = len(chunk)
+            variant = torch.tensor([v for _, v in chunk]).repeat_interleave(B)  # rows are cell-major
+            example = torch.arange(B).repeat(n)
+            hooked = {name: [k for k, (layer, _) in enumerate(chunk) if name in cell_hooks(layer)]
+                      for layer in dict.fromkeys(layer for layer, _ in chunk) for name in cell_hooks(layer)}
+            forwards = [1 + layer * n_variants + v for layer, v in chunk]
+            corrupting = self.target_hooks(forwards) if self.target_hooks is not None else []
+            fwd_hooks = [*corrupting, *((name, self._patch_rows(patch, blocks, n, variant, example, offset))
+                                        for name, blocks in hooked.items())]
+            inputs = {k: _repeat(v, n) for k, v in self.target.items()}
+            if self.resumable:
+                first = min(names.layer_of(name) for name in hooked)
+                given = {k: _repeat(v, n) for k, v in self.given.items()}
+                resid = _repeat(self.target_cache[names.resid(self.tower, first, "pre")][:, cut:], n)
+                with torch.no_grad(), self.model.resume(self.tower, first, resid, given, self._prefix(first, cut, n)):
+                    logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
+            else:
+                with torch.no_grad():
+                    logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
+            if cut:  # the prefix's logits are the target run's
+                logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
+            values = metrics_.evaluate(self.metric, logits, example.to(logits.device), "a patched run").float()
+            values = values.view(n, B)
+            if not torch.isfinite(values).all():  # reported, not averaged into a NaN with no word
+                where = (f"at layer {chunk[0][0]} of {self.tower!r} (variants {chunk[0][1]}..{chunk[-1][1]})"
+                         if chunk[0][0] == chunk[-1][0] else
+                         f"at layers {chunk[0][0]}..{chunk[-1][0]} of {self.tower!r} (cells {chunk[0]}..{chunk[-1]})")
+                bad = int((~torch.isfinite(values)).sum())
+                warnings.warn(f"the metric is non-finite in {bad} patched runs {where}; those cells hold it: check "
+                              "the model's dtype (float16 overflows; try float32)", RuntimeWarning, stacklevel=4)
+            if normalize:
+                values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
+            values = values.cpu()
+            for k, (layer, v) in enumerate(chunk):
+                out[layer, v] = values[k]
+            bar.update(1)
+        bar.close()
+        return out if per_example else out.mean(dim=2)
+
+    def _patch_rows(self, patch: Patch, blocks: list[int], n: int, variant: Tensor, example: Tensor,
+                    offset: int) -> Callable[[Tensor, Any], Tensor]:
+        """A hook patching the rows of the cells `blocks` (indices into the n stacked cells, B rows each)."""
+        B = self.B
+        if len(blocks) == n:
+            return lambda act, hook: patch(act, self.source[hook.name], variant, example, offset)
+        rows = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten()
+
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            sel = rows.to(act.device)
+            act = act.clone()
+            act[sel] = patch(act[sel], self.source[hook.name], variant[rows], example[rows], offset)
+            return act
+
+        return hook
+
+
+def _check_corrupt(model: HookedVLM, clean: Mapping[str, Any], corrupt: Any) -> None:
+    if isinstance(corrupt, Corruption):
+        _check_inputs(model, clean, clean)
+    elif isinstance(corrupt, Mapping):
+        _check_inputs(model, clean, corrupt)
+    else:
+        raise TypeError(f"corrupt is a {type(corrupt).__name__}: pass the corrupted inputs (the processor's output) "
+                        "or a Corruption (corruption.gaussian(3.0), corruption.multiplicative(...), ...)")
+
+
+def _check_inputs(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any]) -> None:
+    for label, inputs in (("clean", clean), ("corrupt", corrupt)):
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"the {label} inputs are a {type(inputs).__name__}: pass the processor's output (a dict "
+                            "of tensors such as input_ids and pixel_values)")
+        if "vision" in model.tower_names and inputs.get("pixel_values") is None:
+            raise ValueError(f"the {label} inputs have no pixel_values, but this model needs an image: a sweep without "
+                             "it would silently measure an image-blind model; pass the processor's full output")
+    if _batch_size(clean) != _batch_size(corrupt):
+        raise ValueError(f"clean has {_batch_size(clean)} examples and corrupt {_batch_size(corrupt)}; pair them one "
+                         "to one")
+
+
+def _batch_size(inputs: Mapping[str, Any]) -> int:
+    for value in inputs.values():
+        if isinstance(value, Tensor):
+            return value.shape[0]
+    raise ValueError("the inputs hold no tensors; pass the processor's output")
+
+
+def _repeat(value: Any, n: int) -> Any:
+    """n copies of a batch, variant-major ([x_0..x_B-1, x_0..x_B-1, ...])."""
+    if not isinstance(value, Tensor) or n == 1:
+        return value
+    return value.repeat(n, *([1] * (value.ndim - 1)))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

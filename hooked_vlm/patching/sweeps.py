@@ -1,0 +1,367 @@
+"""The public sweeps (activation, head and attribution patching, causal tracing, head ablation) and their argument
+checks; the runs themselves are `engine`'s."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .. import corruption
+from .. import metrics as metrics_
+from .. import names
+from ..arguments import strict
+from ..corruption.noise import Corruption
+from ..hooks import HookSpec
+from ..models.base import HookedVLM
+from .engine import Corrupt, Direction, _batch_size, _Bound, _check_corrupt, _check_inputs, _Runs, _Setup, _site_hook
+from .groups import _by_head, _Cells, _make_cells, _tower_positions
+
+STREAM_HOOKS = ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out", "cross_attn_out", "mlp_out")
+HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
+
+
+def _public(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Name a sweep after the module users call it from: `strict`'s errors say `patching.patch_resid()`, not
+    `sweeps.patch_resid()`."""
+    fn.__module__ = __package__
+    return fn
+
+
+@strict
+@_public
+def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric, *,
+                tower: str, hook: str = "resid_pre", positions: Sequence[int] | Tensor | None = None,
+                groups: Any = None, direction: Direction = "denoise", normalize: bool = False, samples: int = 1,
+                batch_size: int = 64, progress: bool = True) -> Float[Tensor, "n_layers n_cells"]:
+    """For each layer of `tower` and each position (or group of positions), the metric with that activation of
+    hook `hook` (any per-block stream or sub-layer output: resid_pre, resid_mid, resid_mid_cross, resid_post,
+    attn_out, cross_attn_out, mlp_out) patched from the other run.
+
+    `corrupt`: the corrupted inputs (same token count where positions align) or a `Corruption` of the clean inputs.
+    `positions`: None for every position of the tower's sequence, a list shared by all examples, or a [B, P]
+    tensor of positions per example (for example from `cache.positions`). `groups` instead: groups of positions
+    patched together, one cell each (see `resolve_groups`: "image", "text", "last", "all", `ImagePatches(rows,
+    cols)`, a list of positions, one list per example, ...); a Mapping names them. `samples`: draws of a random
+    corruption, averaged. Layers where the hook does not exist (a cross-attention hook on a layer without
+    cross-attention) are NaN.
+    """
+    if hook not in STREAM_HOOKS:
+        raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
+    leaf = names.leaf(hook)
+    _require_leaf(model, tower, leaf)
+    setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, samples)
+
+    def one(run: _Runs) -> Tensor:
+        cells = run.cells(positions, groups, leaf)
+        return run.sweep(lambda layer: [names.block(tower, layer, leaf)], cells.n, cells.patch_stream(), normalize,
+                         batch_size, progress, cut=cells.cut)
+
+    return setup.average(one)
+
+
+@strict
+@_public
+def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric, *,
+                tower: str, attention: Literal["attn", "cross_attn"] = "attn",
+                activation: Literal["z", "q", "k", "v", "pattern"] = "z",
+                positions: Sequence[int] | Tensor | None = None, groups: Any = None, by_position: bool = False,
+                direction: Direction = "denoise", normalize: bool = False, samples: int = 1, batch_size: int = 64,
+                progress: bool = True) -> Float[Tensor, "n_layers n_heads *n_cells"]:
+    """For each layer and head of `tower`'s self- (`attention="attn"`) or cross-attention, the metric with that
+    head's `activation` patched from the other run: at `positions` (None: all) together ([n_layers, n_heads]); with
+    `by_position=True`, one position at a time ([n_layers, n_heads, n_positions]); with `groups`, one group of
+    positions at a time ([n_layers, n_heads, n_groups]). `corrupt` and `samples` as in `patch_resid`.
+
+    Positions index the queries (z, q, pattern) or the keys (k, v). k and v have one head per key/value head.
+    Layers without that attention (the Q-Former's layers without cross-attention) are NaN.
+    """
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
+    if by_position and groups is not None:
+        raise ValueError("pass by_position=True (one position per cell) or groups (one group per cell), not both")
+    leaf = head_leaf(model, tower, attention, activation)
+    pattern = activation == "pattern"
+    setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, samples)
+
+    def one(run: _Runs) -> Tensor:
+        n_heads = _by_head(run.source_act(leaf), pattern).shape[2]
+        cells = run.cells(positions, groups, leaf, dim=2 if pattern else 1)
+        if not by_position and groups is None:
+            cells = cells.joined()  # every position at once: one cell per head
+        out = run.sweep(lambda layer: [names.block(tower, layer, leaf)], n_heads * cells.n,
+                        cells.patch_heads(cells.n, pattern), normalize, batch_size, progress, cut=cells.cut)
+        return out.view(out.shape[0], n_heads, cells.n) if by_position or groups is not None else out
+
+    return setup.average(one)
+
+
+TRACE_KINDS = {"resid": "hook_resid_post", "resid_mid": "hook_resid_mid", "resid_mid_cross": "hook_resid_mid_cross",
+               "attn": "hook_attn_out", "mlp": "hook_mlp_out", "cross_attn": "hook_cross_attn_out"}
+
+
+@strict
+@_public
+def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.TokenIds | metrics_.Metric, *,
+                 tower: str, corrupt: str | Sequence[int] | Tensor | Corrupt = "image", noise: float | None = None,
+                 kind: Literal["resid", "resid_mid", "resid_mid_cross", "attn", "mlp", "cross_attn"] = "resid",
+                 window: int = 1, samples: int = 1, seed: int | None = None, position: metrics_.Position = -1,
+                 positions: Sequence[int] | Tensor | None = None, groups: Any = None, normalize: bool = False,
+                 batch_size: int = 64, progress: bool = True) -> Float[Tensor, "n_layers n_cells"]:
+    """ROME-style causal tracing adapted to VLMs (Meng et al. 2022; Palit et al. 2023 for BLIP).
+
+    The corrupted run is `inputs` corrupted by `corrupt`: a `Corruption` (`corruption.gaussian(3.0)`,
+    `corruption.multiplicative(1, 5, redraw="forward")`, `corruption.scale(0.7691)`, ...), other inputs, or, as
+    before, "image" / token positions of `tower` with Gaussian noise of `noise` (default 3.0) times the empirical
+    std of what it corrupts, seeded by `seed` (default 0). Each cell restores the clean state of `kind` at one
+    position (or one group of `groups`), in a window of `window` layers centred on the cell's layer (clipped at
+    the ends), and reports P(target) (or `target` as a metric) at `position`.
+
+    `kind`: the block output ("resid", resid_post), the stream after the attention ("resid_mid") or after the
+    cross-attention ("resid_mid_cross") - on the post-LN BERT towers of BLIP these are LayerNorm(x + attn), what HF's
+    `.attention` / `.crossattention` modules return - or the attention, MLP or cross-attention output. `samples`
+    draws of a random corruption are averaged (sample s seeds as `Corruption.seed_of` says). `normalize=True`
+    reports (p - p_corrupt) / (p_clean - p_corrupt), per sample. Layers where `kind` does not exist are NaN.
+    """
+    if kind not in TRACE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TRACE_KINDS)}, got {kind!r}")
+    if window < 1 or samples < 1:
+        raise ValueError(f"window and samples must be >= 1, got window={window}, samples={samples}")
+    corrupt = _trace_corruption(corrupt, noise, seed, normalize)
+    _check_inputs(model, inputs, inputs)
+    leaf = TRACE_KINDS[kind]
+    _require_leaf(model, tower, leaf, f"kind={kind!r}")
+    metric = target if callable(target) else metrics_.prob(target, position)
+    n_layers = model.tower_info(tower).n_layers
+
+    def cell_hooks(layer: int) -> list[str]:
+        span = range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
+        return [name for name in (names.block(tower, i, leaf) for i in span) if name in model.hook_dict]
+
+    setup = _Setup(model, inputs, corrupt, metric, tower, [leaf], "denoise", samples)
+
+    def one(run: _Runs) -> Tensor:
+        cells = run.cells(positions, groups, leaf)
+        return run.sweep(cell_hooks, cells.n, cells.patch_stream(), normalize, batch_size, progress, cut=cells.cut)
+
+    return setup.average(one)
+
+
+def _trace_corruption(corrupt: Any, noise: float | None, seed: int | None, normalize: bool) -> Corrupt:
+    """causal_trace's `corrupt` as a Corruption or inputs; the legacy forms ("image", positions) with `noise` and
+    `seed` become `corruption.gaussian(noise, ..., seed=seed)`."""
+    if isinstance(corrupt, (Corruption, Mapping)):
+        if noise is not None or seed is not None:
+            raise ValueError("noise= and seed= go with corrupt='image' or positions; with a Corruption set them on it "
+                             "(e.g. corruption.gaussian(3.0, seed=0)), with corrupted inputs there is no noise")
+        return corrupt
+    if isinstance(corrupt, str) and corrupt != "image":
+        raise ValueError(f"corrupt must be 'image', token positions, a Corruption or corrupted inputs, got {corrupt!r}")
+    noise = 3.0 if noise is None else noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise={noise!r}: pass a positive number of standard deviations (e.g. 3.0)")
+    if noise == 0 and normalize:  # the corrupted run is the clean one: every example would divide 0 by 0
+        raise ValueError("noise=0 with normalize=True: without noise the corrupted run equals the clean one, so the "
+                         "normalised effect is 0/0; pass noise > 0 (e.g. 3.0) or normalize=False")
+    seed = 0 if seed is None else seed
+    if isinstance(corrupt, str):
+        return corruption.gaussian(noise, site="image", seed=seed)
+    return corruption.gaussian(noise, site="tokens", positions=corrupt, seed=seed)
+
+
+@strict
+@_public
+def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt,
+                            metric: metrics_.Metric, *, tower: str, hook: str = "resid_pre",
+                            positions: Sequence[int] | Tensor | None = None, groups: Any = None,
+                            direction: Direction = "denoise", normalize: bool = False
+                            ) -> Float[Tensor, "n_layers n_cells"]:
+    """`patch_resid`'s first-order approximation (attribution patching, Nanda 2023): metric(target) +
+    (source - target) . d metric / d activation, from one source forward, one target forward and one backward. A
+    group's effect is the sum of its positions'. A random `Corruption` uses the draw of sample 0, forward 0."""
+    if hook not in STREAM_HOOKS:
+        raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
+    leaf = names.leaf(hook)
+    _require_leaf(model, tower, leaf)
+    attr = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, groups, pos_dim=1)
+    cells = {}
+    for layer, (d, g) in attr.items():  # per layer [B, T, D] -> the effect of patching each cell: [B, V]
+        cells[layer] = attr.cells.gather_sum((d * g).sum(-1))
+    return _finish_attribution(cells, attr.m_target, attr, attr.cells.n, normalize)
+
+
+@strict
+@_public
+def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt,
+                            metric: metrics_.Metric, *, tower: str, attention: Literal["attn", "cross_attn"] = "attn",
+                            activation: Literal["z", "q", "k", "v", "pattern"] = "z",
+                            positions: Sequence[int] | Tensor | None = None, groups: Any = None,
+                            by_position: bool = False, direction: Direction = "denoise", normalize: bool = False
+                            ) -> Float[Tensor, "n_layers n_heads *n_cells"]:
+    """`patch_heads`'s first-order approximation (attribution patching), with the same arguments and result."""
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
+    if by_position and groups is not None:
+        raise ValueError("pass by_position=True (one position per cell) or groups (one group per cell), not both")
+    leaf = head_leaf(model, tower, attention, activation)
+    pattern = activation == "pattern"
+    attr = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, groups,
+                      pos_dim=2 if pattern else 1)
+    split = by_position or groups is not None
+    if not split:
+        attr.cells = attr.cells.joined()
+    cells, n_heads = {}, 0
+    for layer, (d, g) in attr.items():
+        prod = d * g
+        per_pos_head = prod.sum(-1).transpose(1, 2) if pattern else prod.sum(-1)  # [B, T, H]
+        n_heads = per_pos_head.shape[2]
+        effect = attr.cells.gather_sum(per_pos_head)  # [B, V, H]
+        cells[layer] = effect.transpose(1, 2).flatten(1) if split else effect[:, 0]  # [B, H * V] or [B, H]
+    out = _finish_attribution(cells, attr.m_target, attr, n_heads * (attr.cells.n if split else 1), normalize)
+    return out.view(out.shape[0], n_heads, attr.cells.n) if split else out
+
+
+class _Attribution(dict):
+    """{layer: (source - target activation, gradient of the metric there)} plus the runs' metrics and the cells."""
+
+    n_layers: int
+    m_target: Tensor
+    m_clean: Tensor
+    m_corrupt: Tensor
+    cells: "_Cells"
+
+
+def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric,
+               tower: str, leaf: str, direction: Direction, positions: Sequence[int] | Tensor | None, groups: Any,
+               pos_dim: int) -> _Attribution:
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    _check_corrupt(model, clean, corrupt)
+    if not callable(metric):
+        raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
+                        "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
+    hooked = [n for n in model.hook_dict if names.in_blocks(tower, leaf)(n)]
+    if not hooked:
+        raise ValueError(f"tower {tower!r} has no hook ending in {leaf!r}")
+    target_hooks: list[HookSpec] = []
+    with torch.no_grad():
+        if isinstance(corrupt, Corruption):  # the clean run (and what the corruption reads), then the corrupted one
+            site = _site_hook(model, corrupt, tower)
+            clean_run = model.run_with_cache(**clean, names_filter=lambda n: n in hooked or n == site)
+            corrupted = _Bound(model, corrupt, tower, site, clean_run[1]).hooks(0, [0])
+            target = clean
+            if direction == "denoise":
+                source_logits, source_cache = clean_run
+                target_hooks = corrupted
+            else:
+                with model.hooks(corrupted):
+                    source_logits, source_cache = model.run_with_cache(**clean, names_filter=hooked)
+        else:
+            target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+            source_logits, source_cache = model.run_with_cache(**source, names_filter=hooked)
+    acts: dict[str, Tensor] = {}
+
+    def keep(t: Tensor, hook: Any) -> Tensor:
+        if not t.requires_grad:  # parameters frozen: make the first hooked tensor the leaf of the graph
+            t = t.detach().requires_grad_(True)
+        acts[hook.name] = t
+        return t
+
+    B = _batch_size(target)
+    examples = torch.arange(B)
+    # checked before the costly runs
+    cells = _make_cells(positions, groups, _tower_positions(model, tower, source_cache.positions), B,
+                        source_cache[hooked[0]].shape[pos_dim])
+    m_source = metrics_.evaluate(metric, source_logits, examples.to(source_logits.device), "the source run")
+    metrics_.check_finite(m_source, "the source run's examples")
+    with torch.enable_grad():
+        target_logits = model.run_with_hooks(**target, fwd_hooks=[*target_hooks, *((n, keep) for n in hooked)])
+        for name in hooked:  # before the backward pass and before subtracting: a clear error, not a broadcast one
+            if source_cache[name].shape != acts[name].shape:
+                raise ValueError(f"the clean and corrupted inputs differ in shape at {name} "
+                                 f"({tuple(source_cache[name].shape)} vs {tuple(acts[name].shape)}); make their "
+                                 "token counts equal")
+        m_target = metrics_.evaluate(metric, target_logits, examples.to(target_logits.device), "the target run")
+        metrics_.check_finite(m_target.detach(), "the target run's examples")
+        grads = torch.autograd.grad(m_target.sum(), [acts[n] for n in hooked], allow_unused=True)
+    result = _Attribution()
+    for name, grad in zip(hooked, grads):
+        diff = source_cache[name] - acts[name].detach()
+        result[names.layer_of(name)] = (diff.float(), torch.zeros_like(diff, dtype=torch.float) if grad is None
+                                           else grad.float())
+    result.n_layers = model.tower_info(tower).n_layers
+    result.m_target = m_target.detach().float()
+    result.m_clean, result.m_corrupt = ((m_source, result.m_target) if direction == "denoise"
+                                        else (result.m_target, m_source))
+    result.cells = cells
+    return result
+
+
+def _finish_attribution(cells: dict[int, Tensor], m_target: Tensor, attr: _Attribution, n_cells: int,
+                        normalize: bool) -> Tensor:
+    if normalize:
+        metrics_.check_normalizable(attr.m_clean, attr.m_corrupt)
+    out = torch.full((attr.n_layers, n_cells), float("nan"))
+    for layer, effect in cells.items():  # effect: [B, n_cells]
+        value = m_target[:, None] + effect
+        if normalize:
+            value = metrics_.normalized(value, attr.m_clean.float()[:, None], attr.m_corrupt.float()[:, None])
+        out[layer] = value.mean(0).cpu()
+    return out
+
+
+@strict
+@_public
+def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_.Metric, *, tower: str,
+                   attention: Literal["attn", "cross_attn"] = "attn",
+                   mode: Literal["zero", "mean_of_others"] = "mean_of_others", batch_size: int = 64,
+                   progress: bool = True) -> Float[Tensor, "n_layers n_heads B"]:
+    """For each head of `tower`'s self- or cross-attention, the metric of each example with that head's values
+    (`hook_z`, every position) replaced by zero or by the mean of the other heads of its layer (V-SEAM's "mean").
+    Per example, so callers can split examples (as `analysis.head_scores` does). The heads of a layer run stacked
+    along the batch, resumed at that layer, as in the patching sweeps."""
+    if mode not in ("zero", "mean_of_others"):
+        raise ValueError(f"mode must be 'zero' or 'mean_of_others', got {mode!r}")
+    _check_inputs(model, inputs, inputs)
+    leaf = head_leaf(model, tower, attention, "z")
+    if mode == "mean_of_others" and model.tower_info(tower).n_heads < 2:
+        raise ValueError(f"mode='mean_of_others' needs at least two heads per layer; tower {tower!r} has one: use "
+                         "mode='zero'")
+    run = _Runs(model, inputs, None, metric, tower, [leaf], clean_is_source=True)
+    n_heads = run.source_act(leaf).shape[2]
+
+    def ablate(act: Tensor, source: Tensor, variant: Tensor, example: Tensor, offset: int) -> Tensor:
+        rows = torch.arange(act.shape[0], device=act.device)
+        act = act.clone()
+        if mode == "zero":
+            act[rows, :, variant] = 0
+        else:
+            others = (act.sum(dim=2) - act[rows, :, variant]) / (n_heads - 1)  # [N, T, d]
+            act[rows, :, variant] = others
+        return act
+
+    return run.sweep(lambda layer: [names.block(tower, layer, leaf)], n_heads, ablate, False, batch_size, progress,
+                     per_example=True)
+
+
+def _require_leaf(model: HookedVLM, tower: str, leaf: str, what: str | None = None) -> None:
+    """Raise before any forward if no block of `tower` has the hook `leaf` (a cross-attention where there is none)."""
+    n_layers = model.tower_info(tower).n_layers  # raises for an unknown tower, naming the towers
+    if not any(names.block(tower, i, leaf) in model.hook_dict for i in range(n_layers)):
+        hint = (f"tower {tower!r} has no cross-attention" if "cross_attn" in leaf
+                else f"no layer of tower {tower!r} has a hook {leaf!r}")
+        raise ValueError(f"{what or leaf}: {hint}; choose a tower and hook it has (model.hook_names() lists them)")
+
+
+def head_leaf(model: HookedVLM, tower: str, attention: str, activation: str) -> str:
+    """The block-relative hook name of a head activation (`"cross_attn.hook_z"`), checked, before any forward, to
+    exist in some block of `tower`."""
+    if attention not in ("attn", "cross_attn"):
+        raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
+    leaf = names.leaf(attention, activation)
+    _require_leaf(model, tower, leaf, f"attention={attention!r}")
+    return leaf
