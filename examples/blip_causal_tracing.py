@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     questions = load_questions(args)
-    model = load(args.model, "blip-vqa", args.device)
+    model = load(args.model, "blip-vqa", args.device, args.dtype)
 
     examples, ids, answers = [], [], []
     tok = model.processor.tokenizer
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (tower, corrupt, kind, window, samples) in protocol.items():
         results = patching.sweep_results(patching.causal_trace, model, examples, ids=ids, answers=answers,
                                          tower=tower, corrupt=corrupt, kind=kind, window=window, samples=samples,
-                                         normalize=True, progress=False)
+                                         normalize=True, batch_size=args.batch_size, progress=False)
         record[name] = {"settings": results.settings, "corruption": results.corruption[0]}
         cmap = "Reds" if tower == "text_decoder" else "Purples"
         if kind == "resid":  # P4: the first two examples, as the repository's figures

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.setup()  # a no-op unless launched by torchrun
     sharded = distributed.world_size() > 1
     device = args.device or distributed.device()
-    model = load(args.model, "llava", str(device))
+    model = load(args.model, "llava", str(device), args.dtype)
     processor, tok = model.processor, model.processor.tokenizer
     pairs = corruption.synthetic_pairs(args.pairs, "color", seed=3)
     examples = []
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         metric = metrics.logit_diff(first_token(tok, pair.answer), first_token(tok, pair.wrong_answer))
         examples.append((clean, corrupt, metric))
     heads = patching.sweep_dataset(patching.patch_heads, model, examples, tower="lm", normalize=True,
-                                   distributed=sharded, progress=distributed.rank() == 0)
+                                   batch_size=args.batch_size, distributed=sharded, progress=distributed.rank() == 0)
     mean = analysis.mean_activation(model, [clean for clean, _, _ in examples], ["projector.hook_out"],
                                     over="tokens", distributed=sharded)["projector.hook_out"]
     if distributed.rank() == 0:

@@ -35,7 +35,7 @@ def square_image(size: int, box: tuple[int, int, int, int], rgb: tuple[int, int,
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0], "llava_object_patches")
     args = p.parse_args(argv)
-    model = load(args.model, "llava", args.device)
+    model = load(args.model, "llava", args.device, args.dtype)
     size, patch = model.cfg.vision.image_size, model.cfg.vision.patch_size
     box = (0, 0, size // 2, size // 2)  # the top-left quadrant, so that it covers whole patches
     clean = model.processor(images=square_image(size, box, (220, 20, 20)), text=PROMPT, return_tensors="pt")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         m_clean = float(metric(model(**clean), torch.zeros(1, dtype=torch.long)))
         m_corrupt = float(metric(model(**corrupt), torch.zeros(1, dtype=torch.long)))
     diffs = patching.patch_resid(model, clean, corrupt, metric, tower="lm", hook="resid_pre", groups=groups,
-                                 progress=False)  # [layers, groups]
+                                 batch_size=args.batch_size, progress=False)  # [layers, groups]
     gap = m_clean - m_corrupt
     restored = (diffs - m_corrupt) / gap if abs(gap) > 1e-9 else torch.full_like(diffs, float("nan"))
 

@@ -38,7 +38,7 @@ TINY_MAX_NEW_TOKENS = 8
 
 
 def arguments(argv: list[str] | None):
-    p = parser(__doc__.split("\n\n")[0], "neo")
+    p = parser(__doc__.split("\n\n")[0], "neo", batch_size=8)
     p.add_argument("--data", nargs=2, metavar=("INSTANCES_JSON", "IMAGE_DIR"), default=None,
                    help="a COCO instances file and its image folder; default: synthetic scenes")
     p.add_argument("--questions", type=Path, default=None,
@@ -54,7 +54,6 @@ def arguments(argv: list[str] | None):
                    help="yes: the logit of 'Yes' as the paper describes; authors: tokenizer.encode('Yes')[0], what "
                         "their code reads (the BOS token for LLaVA-1.5's tokenizer)")
     p.add_argument("--no-curate", action="store_true", help="skip E6's curation (analyse every selected image)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per batch")
     p.add_argument("--ig-batch-size", type=int, default=16, help="rows (alphas x examples) per IG forward/backward")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -140,7 +139,7 @@ def bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: st
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = load(args.model, "llava", args.device)
+    model = load(args.model, "llava", args.device, args.dtype)
     tiny = args.model is None
     max_new = args.max_new_tokens or (TINY_MAX_NEW_TOKENS if tiny else 200)
     tok = model.processor.tokenizer

@@ -119,7 +119,7 @@ def pair_inputs(fam: Family, item: Item, mode: str) -> tuple[dict, dict]:
     raise ValueError(f"no colour words of the token lengths of {item.answer!r} and {item.wrong!r}")
 
 
-def run_mode(fam: Family, items: list[Item], mode: str, n: int, device: str) -> dict:
+def run_mode(fam: Family, items: list[Item], mode: str, n: int, device: str, batch_size: int) -> dict:
     """N1/N2 then N3 (N7: module patching) and N4 (one head at the TOI) on the first `n` usable items."""
     model, tok = fam.model, fam.tokenizer
     out = {"items": [], "base": [], "tokens": [], **{f"{s}_{m}": [] for s in fam.sites for m in METRICS},
@@ -150,7 +150,7 @@ def run_mode(fam: Family, items: list[Item], mode: str, n: int, device: str) -> 
         at = positions.text[0].tolist() if fam.text_only else None
         for site in fam.sites:
             sweep = {name: patching.patch_resid(model, clean, corrupt, metric, tower=fam.tower, hook=site,
-                                                positions=at, progress=False).cpu()
+                                                positions=at, batch_size=batch_size, progress=False).cpu()
                      for name, metric in (("p", p_metric), ("ld", ld_metric))}
             dld = sweep["ld"] - base["ld_corrupt"]
             cells = {"p": sweep["p"], "dp": sweep["p"] - base["p_corrupt"], "dld": dld,
@@ -161,7 +161,7 @@ def run_mode(fam: Family, items: list[Item], mode: str, n: int, device: str) -> 
         for attention in fam.attentions:
             out[f"heads_{attention}"].append(patching.patch_heads(
                 model, clean, corrupt, p_metric, tower=fam.tower, attention=attention, positions=toi[:, None],
-                progress=False).cpu())
+                batch_size=batch_size, progress=False).cpu())
         ids = clean["input_ids"][0, at] if at is not None else clean["input_ids"][0]
         out["tokens"].append(tok.convert_ids_to_tokens(ids.tolist()))
         out["items"].append(item.id)
@@ -219,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     task = blip_items[0].task if blip_items else "none"
     results: dict[str, Any] = {}
 
-    blip = Family("BLIP", load(args.model, "blip-vqa", args.device), "text_encoder",
+    blip = Family("BLIP", load(args.model, "blip-vqa", args.device, args.dtype), "text_encoder",
                   ("resid_post", "attn_out", "cross_attn_out"), ("cross_attn", "attn"), "first", lambda q: q, False)
     for mode in ("sip", "str"):
-        res = results[f"blip_{mode}"] = run_mode(blip, blip_items, mode, args.pairs, args.device)
+        res = results[f"blip_{mode}"] = run_mode(blip, blip_items, mode, args.pairs, args.device, args.batch_size)
         if not res["items"]:
             print(f"BLIP {mode.upper()}: no usable example; skipped")
             continue
@@ -272,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                            title=f"N6: L{head[0]}H{head[1]} from {item.answer!r}, minus the mean head (min-max)")
 
     # N7: LLaVA
-    llava_model = load(args.llava_model, "llava", args.device)
+    llava_model = load(args.llava_model, "llava", args.device, args.dtype)
     llava = Family("LLaVA", llava_model, "lm", ("resid_post", "attn_out", "mlp_out"), ("attn",), "last",
                    lambda q: q if "<image>" in q else f"USER: <image>\n{q} ASSISTANT:", True)
     llava_items = (file_items(args.llava_data or args.data, args.image_root) if (args.llava_data or args.data)
                    else blip_items)
     for mode in ("sip", "str"):
-        res = results[f"llava_{mode}"] = run_mode(llava, llava_items, mode, args.pairs, args.device)
+        res = results[f"llava_{mode}"] = run_mode(llava, llava_items, mode, args.pairs, args.device, args.batch_size)
         if not res["items"]:
             print(f"N7 LLaVA {mode.upper()}: no usable example; skipped")
             continue

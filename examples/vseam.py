@@ -7,8 +7,8 @@ V2/V3 image-token / text-query group patching: per LM layer, the clean block out
   answer's sub-tokens at the last position (and of their mean logit).
 V5 logit lens of the block output, attention output, intermediate residual and MLP output.
 V6 head contributions: each head's values replaced by the mean of the other heads; positive heads from the questions
-  answered correctly, negative heads from the others. V7: the top heads shared across subsets. V8 set ablation: zero the top positive / negative heads
-  against random sets of 10 heads (5 seeded trials). V9 rescaling: each head times clip(1 + lambda * drop, 0, 2),
+  answered correctly, negative heads from the others. V7: the top heads shared across subsets. V8 set ablation: zero
+  the top positive / negative heads against random sets of 10 heads (5 seeded trials). V9 rescaling: each head times clip(1 + lambda * drop, 0, 2),
   fitted on one split and evaluated on another.
 
     python examples/vseam.py [--model llava-hf/llava-1.5-7b-hf] [--family llava|instructblip] [--pairs 1000]
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper-heads", action="store_true",
                    help="V8 with the authors' fixed head sets (32 x 32-head models) instead of V6's top heads")
     args = p.parse_args(argv)
-    model = load(args.model, args.family, args.device)
+    model = load(args.model, args.family, args.device, args.dtype)
     processor, tok = model.processor, model.processor.tokenizer
     prompt = llava_prompt if args.family == "llava" else instructblip_prompt
     levels = subsets(args)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     clean, corrupt = encode(rows, 2), encode(rows, 3)
     groups, logit_groups = (patching.patch_resid(model, clean, corrupt, delta_metric(corrupt, answers, logit),
                                                  tower="lm", hook="resid_post", groups=["image", "text"],
-                                                 progress=False) for logit in (False, True))  # [L, 2]: V2, V3
+                                                 batch_size=args.batch_size, progress=False)
+                             for logit in (False, True))  # [L, 2] each: V2, V3
     plot.heatmap(groups, out / "v2_v3_group_patching.png", xticklabels=["image tokens (V2)", "text tokens (V3)"],
                  title=f"V2/V3 ({level}): Delta sum P(answer) restoring the clean block output at a group")
     for column, label in ((0, "V2 image-token"), (1, "V3 text-query ")):
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             clean_g, corrupt_g = encode(subset, 2), encode(subset, 3)
             text = torch.stack(model.positions(**clean_g).text)  # [B, P] each question's text positions
             cells = patching.patch_resid(model, clean_g, corrupt_g, delta_metric(corrupt_g, [answers[i] for i in idx]),
-                                         tower="lm", hook=hook, positions=text, progress=False)  # [L, P]
+                                         tower="lm", hook=hook, positions=text,
+                                         batch_size=args.batch_size, progress=False)  # [L, P]
             total[:, :length] += cells * len(idx)
             count[:length] += len(idx)
         plot.heatmap(total / count, out / f"v4_tokenwise_{hook.removesuffix('_out')}.png", xlabel="text position",
@@ -130,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                  out / "v5_logit_lens.png", xticklabels=list(STREAMS), centered=False, cmap="viridis",
                  title="V5: P(answer's first sub-token) read off each stream at the last position")
     for hook in STREAMS:
-        print(f"V5 {hook:10s} top token per layer (question 0): {[lens[hook].tokens[i][0][0][0] for i in range(n_layers)]}")
+        top = [lens[hook].tokens[i][0][0][0] for i in range(n_layers)]
+        print(f"V5 {hook:10s} top token per layer (question 0): {top}")
 
     # ---------------------------------------------------------------- V6: head contributions (fit split)
-    scores = analysis.head_scores(model, fit, fit_answers, tower="lm", progress=False)
+    scores = analysis.head_scores(model, fit, fit_answers, tower="lm", batch_size=args.batch_size, progress=False)
     for name in ("positive", "negative", "delta"):
         plot.heatmap(getattr(scores, name), out / f"v6_head_{name}.png", xlabel="head",
                      title=f"V6 {name} head scores (fit split)", centered=name == "delta")
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         fit_rows = other_rows[:len(other_rows) // 2]
         other_scores = analysis.head_scores(model, encode(fit_rows, 2),
                                             [metrics.answer_tokens(tok, r[1]) for r in fit_rows], tower="lm",
-                                            progress=False)
+                                            batch_size=args.batch_size, progress=False)
         tops[other] = (set(other_scores.positive_heads(k)) if other_scores.correct.any() else set(),
                        set(other_scores.negative_heads(k)) if not other_scores.correct.all() else set())
     names = list(tops)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import distributed as distributed_
@@ -33,6 +34,8 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
     `over="examples"`: the mean over examples, per position ([T, ...]; every batch must have the same length).
     `over="tokens"`: the mean over examples and positions ([...], e.g. [H, d_head] for a `hook_z`, [D] for a
     stream), counting only real tokens when the batch's `mask_key` mask has the hook's sequence length.
+
+    Each forward stops after the last of `hook_names` (`run_with_hooks(stop_at_hook=True)`): nothing after it runs.
 
     `distributed=True`: each process of the torch.distributed group runs every `world_size`-th batch and the sums
     are added across processes; every rank returns the same means, on the CPU (equal to one process's up to float64
@@ -68,7 +71,8 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
             sums[hook.name] = sums.get(hook.name, 0) + total
             counts[hook.name] = counts.get(hook.name, 0) + count.to(total.device)
 
-        model.run_with_hooks(**batch, fwd_hooks=[(n, accumulate) for n in names])
+        # the forward ends after the last hook asked for: a projector's mean never runs the LM
+        model.run_with_hooks(**batch, fwd_hooks=[(n, accumulate) for n in names], stop_at_hook=True)
     if distributed:  # every rank gets the sums over all the processes' batches (on the CPU)
         sums, counts = distributed_.all_sum(sums), distributed_.all_sum(counts)
     if not sums:
@@ -80,9 +84,10 @@ def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook
 @dataclass
 class LogitLens:
     """Top-k tokens of the unembedding applied to each layer's `hook` (a stream or a sub-layer's output): `ids`,
-    `probs` [n_layers, B, P, k] and the token strings `tokens[layer][example][position][rank]`, at the sequence
-    positions `positions` [B, P]; `token_probs` [n_layers, B, P, n]: the probabilities of the token ids asked for
-    (`logit_lens(tokens=...)`, e.g. each example's answer), else None."""
+    `probs` [n_layers, B, P, k] (one layer row for `hook="embed"`) and the token strings
+    `tokens[layer][example][position][rank]`, at the sequence positions `positions` [B, P]; `token_probs`
+    [n_layers, B, P, n]: the probabilities of the token ids asked for (`logit_lens(tokens=...)`, e.g. each example's
+    answer), else None."""
 
     ids: Tensor
     probs: Tensor
@@ -92,65 +97,99 @@ class LogitLens:
     token_probs: Tensor | None = None
 
 
-LENS_HOOKS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "resid_pre", "resid_mid_cross", "cross_attn_out")
+LENS_HOOKS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "resid_pre", "resid_mid_cross", "cross_attn_out",
+              "embed")
+# a chunk's float32 probabilities [L, B, chunk, V], with the logits and softmax temporaries (~3 copies), stay under
+# this when `logit_lens(chunk_size=None)`: ~21 positions per step for LLaVA-7B (32 layers, 32,064 tokens), one image
+LENS_CHUNK_BYTES = 256 * 2**20
 
 
 @strict
 @torch.no_grad()
 def logit_lens(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str, Any], *, tower: str,
                hook: str = "resid_post", positions: Sequence[int] | Tensor | None = None, k: int = 5,
-               tokens: Sequence[int] | Tensor | None = None) -> LogitLens:
+               tokens: Sequence[int] | Tensor | None = None, chunk_size: int | None = None) -> LogitLens:
     """Per layer and position, the top-k next-token predictions read off `hook` of every block through the
     tower's own output head (`tower.logits`: its final norm, applied once, and the unembedding; BLIP's
     prediction-head transform). `hook="resid_post"` (the block's output; its last layer reproduces the model's
     logits), `"resid_mid"` (the stream after the attention), `"attn_out"` / `"mlp_out"` (the sub-layers'
-    outputs, unembedded as they are, through the same norm: V-SEAM's LogitLens.py), or another stream hook.
+    outputs, unembedded as they are, through the same norm: V-SEAM's LogitLens.py), another stream hook, or
+    `"embed"`: one row, the stream entering block 0 (`blocks.0.hook_resid_pre`, the embeddings as the blocks read
+    them; with the image written in for LLaVA and InstructBLIP).
 
-    `cache_or_inputs`: a cache holding that hook of every layer of the tower, or inputs to run. `tokens`: token
-    ids whose probability to keep at every layer and position (`LogitLens.token_probs`): a list shared by the
-    examples or a [B, n] tensor, one row per example (e.g. each example's answer's first sub-token, [B, 1])."""
+    `cache_or_inputs`: a cache holding that hook of every layer of the tower, or inputs to run (the run stops after
+    the last stream it needs). `tokens`: token ids whose probability to keep at every layer and position
+    (`LogitLens.token_probs`): a list shared by the examples or a [B, n] tensor, one row per example (e.g. each
+    example's answer's first sub-token, [B, 1]).
+
+    Memory: the probabilities are computed `chunk_size` positions at a time ([L, B, chunk, V] at most, never the
+    whole [L, B, P, V]); None picks the most positions that fit `LENS_CHUNK_BYTES`. The result does not depend on it
+    (the same ids; probabilities equal up to float rounding)."""
     if hook not in LENS_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(LENS_HOOKS)}, got {hook!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: pass a number of positions per step >= 1 (None: by memory)")
     head = model.tower(tower)
     if not hasattr(head, "logits") or not hasattr(head, "unembed"):
         raise ValueError(f"tower {tower!r} has no output head to read a stream with; the logit lens applies to the "
                          "towers that predict tokens")
-    vocab = getattr(getattr(head, "cfg", None), "d_vocab", None)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (vocab is not None and k > vocab):
-        raise ValueError(f"k={k!r}: pass a number of top tokens in 1..{vocab if vocab is not None else 'vocab size'}")
-    n_layers = model.tower_info(tower).n_layers
-    streams = [names_.block(tower, layer, names_.leaf(hook)) for layer in range(n_layers)]
+    vocab = head.unembed.weight.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k={k!r}: pass a number of top tokens in 1..{vocab}")
+    stream = _lens_streams(model, cache_or_inputs, tower, hook)  # [L, B, T, D]
+    L, B, T = stream.shape[:3]
+    pos = patching.example_positions(positions, B, T).to(stream.device)  # checked: non-empty, in range, per example
+    asked = None if tokens is None else _lens_token_ids(tokens, B, vocab).to(stream.device)
+    step = chunk_size or max(1, LENS_CHUNK_BYTES // (3 * 4 * L * B * vocab))
+    rows = torch.arange(B, device=stream.device)[:, None]
+    top_ids, top_probs, token_probs = [], [], []
+    for chunk in pos.split(step, dim=1):  # [B, c]
+        picked = stream[:, rows, chunk]  # [L, B, c, D]
+        probs = head.logits(picked.flatten(1, 2)).float().softmax(-1).view(*picked.shape[:3], vocab)  # [L, B, c, V]
+        top = probs.topk(k, dim=-1)
+        top_ids.append(top.indices)
+        top_probs.append(top.values)
+        if asked is not None:
+            token_probs.append(probs.gather(-1, asked[None, :, None, :].expand(*probs.shape[:3], -1)))
+    ids = torch.cat(top_ids, dim=2)  # [L, B, P, k]
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    names_of = [[[tokenizer.convert_ids_to_tokens(row) for row in ex] for ex in layer]
+                for layer in ids.tolist()] if tokenizer is not None else []
+    return LogitLens(ids, torch.cat(top_probs, dim=2), names_of, pos.cpu(), hook,
+                     torch.cat(token_probs, dim=2) if asked is not None else None)
+
+
+def _lens_streams(model: HookedVLM, cache_or_inputs: ActivationCache | Mapping[str, Any], tower: str,
+                  hook: str) -> Float[Tensor, "L B T D"]:
+    """The lens's input, stacked over layers: `hook` of every block of `tower` (block 0's input for "embed"),
+    from the cache, or from a run of the inputs that stops after the last of them."""
+    if hook == "embed":
+        streams = [names_.block(tower, 0, "hook_resid_pre")]
+    else:
+        streams = [names_.block(tower, layer, names_.leaf(hook)) for layer in range(model.tower_info(tower).n_layers)]
     absent = [n for n in streams if n not in model.hook_dict]
     if absent:
         raise ValueError(f"hook={hook!r}: tower {tower!r} has no {absent[0]} (not every layer has it); pass a hook "
                          f"every block has, e.g. 'resid_post'")
     cache = cache_or_inputs
     if not isinstance(cache, ActivationCache):
-        _, cache = model.run_with_cache(**cache_or_inputs, names_filter=streams)
+        _, cache = model.run_with_cache(**cache_or_inputs, names_filter=streams, stop_at_hook=True)
     missing = [n for n in streams if n not in cache]
     if missing:
         raise ValueError(f"the cache lacks {missing[:3]}...; cache every layer's {names_.leaf(hook)} of {tower!r}")
-    stream = torch.stack([cache[n] for n in streams])  # [L, B, T, D]
-    B, T = stream.shape[1:3]
-    pos = patching.example_positions(positions, B, T)  # checked: non-empty, in range, one row per example
-    picked = stream[:, torch.arange(B)[:, None], pos.to(stream.device)]  # [L, B, P, D]
-    probs = head.logits(picked.flatten(1, 2)).float().softmax(-1).view(*picked.shape[:3], -1)
-    top = probs.topk(k, dim=-1)
-    token_probs = None
-    if tokens is not None:
-        ids = torch.as_tensor(tokens, device=probs.device)
-        if ids.is_floating_point() or ids.dtype == torch.bool or ids.ndim not in (1, 2) or not ids.numel() or (
-                ids.ndim == 2 and ids.shape[0] != B):
-            raise ValueError(f"tokens: pass a list of token ids or a [batch={B}, n] tensor of them, got "
-                             f"{tuple(ids.shape)} {ids.dtype}")
-        if int(ids.min()) < 0 or int(ids.max()) >= probs.shape[-1]:
-            raise ValueError(f"tokens: ids must lie in range({probs.shape[-1]}), got {ids.min()}..{ids.max()}")
-        ids = ids.long().expand(B, -1) if ids.ndim == 1 else ids.long()
-        token_probs = probs.gather(-1, ids[None, :, None, :].expand(*probs.shape[:3], -1))
-    tokenizer = getattr(model.processor, "tokenizer", model.processor)
-    names_of = [[[tokenizer.convert_ids_to_tokens(row) for row in ex] for ex in layer]
-                for layer in top.indices.tolist()] if tokenizer is not None else []
-    return LogitLens(top.indices, top.values, names_of, pos, hook, token_probs)
+    return torch.stack([cache[n] for n in streams])
+
+
+def _lens_token_ids(tokens: Sequence[int] | Tensor, B: int, vocab: int) -> Int[Tensor, "B n"]:
+    """`logit_lens(tokens=...)` as [B, n] ids, checked."""
+    ids = torch.as_tensor(tokens)
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.ndim not in (1, 2) or not ids.numel() or (
+            ids.ndim == 2 and ids.shape[0] != B):
+        raise ValueError(f"tokens: pass a list of token ids or a [batch={B}, n] tensor of them, got "
+                         f"{tuple(ids.shape)} {ids.dtype}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"tokens: ids must lie in range({vocab}), got {ids.min()}..{ids.max()}")
+    return ids.long().expand(B, -1) if ids.ndim == 1 else ids.long()
 
 
 @dataclass
@@ -246,7 +285,8 @@ def rescaling_hooks(model: HookedVLM, scores: HeadScores, *, lam: float = 1.0, t
         if value is not None and (isinstance(value, bool) or not math.isfinite(float(value))):
             raise ValueError(f"{name}={value!r}: pass a finite number")
     if epsilon < 0:
-        raise ValueError(f"epsilon={epsilon!r}: pass a threshold >= 0 (heads with |delta| below it are left as they are)")
+        raise ValueError(f"epsilon={epsilon!r}: pass a threshold >= 0 (heads with |delta| below it are left as they "
+                         "are)")
     if low is not None and high is not None and low > high:
         raise ValueError(f"low={low} > high={high}: the clip range is empty")
     delta = torch.nan_to_num(scores.delta.double())

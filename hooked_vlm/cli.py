@@ -9,6 +9,9 @@
                       | scale --factor F] [--redraw sample|forward]
     hooked-vlm lens  [--model M] [--image A] [--prompt Q] [--tower T] [--k 5]
 
+Every command that loads a model takes `--device` and `--dtype float32|float16|bfloat16` (the weights are read
+straight into that dtype; default: the checkpoint's own); patch and trace take `--batch-size` (patched variants per
+forward pass: lower it when the device runs out of memory).
 `--model` is a hub id or a local directory, or one of the tiny models built offline with RANDOM weights (to try the
 commands; their numbers mean nothing): tiny (BLIP-VQA), tiny-llava, tiny-instructblip, tiny-instructblip-t5.
 The question is wrapped in the family's prompt template (LLaVA-1.5: "USER: <image>\\n{question} ASSISTANT:").
@@ -142,13 +145,15 @@ def _read_image(path: str, option: str):
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _load_model(name: str, device: str):
+def _load_model(name: str, device: str, dtype: str | None = None):
+    """`--model` on `device`, its weights in `dtype` (None: the checkpoint's own; the tiny models are float32). A
+    checkpoint is read straight into `dtype`, so a float32-stored 7B never needs its 28 GB."""
     if name in TINY_MODELS:
         hf, processor = TINY_MODELS[name].build()
-        return HookedVLM.from_hf(hf, processor=processor, device=device)
+        return HookedVLM.from_hf(hf, processor=processor, device=device, dtype=dtype)
     try:
         local = Path(name).expanduser()
-        return HookedVLM.from_pretrained(str(local) if local.is_dir() else name, device=device)
+        return HookedVLM.from_pretrained(str(local) if local.is_dir() else name, device=device, dtype=dtype)
     except Exception as e:
         if Path(name).expanduser().is_dir():  # a broken or foreign folder: say which and what broke
             raise CLIError(f"cannot load --model {name!r} ({type(e).__name__}: {_one_line(e)}); pass a complete HF or "
@@ -158,6 +163,13 @@ def _load_model(name: str, device: str):
                            "network, or no such repo); check the id, connect to the network, or pass a local "
                            "directory") from e
         raise
+
+
+def _dtype_names(model) -> str:
+    """The dtypes of the model's floating-point weights, e.g. "bfloat16" (more than one only if a family keeps some
+    module in float32)."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    return "+".join(sorted(dtypes))
 
 
 def _check_template(template: str | None) -> None:
@@ -256,14 +268,14 @@ def _write(out: Path, name: str, scores: Float[Tensor, "n_layers n_cells"], meta
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> None:
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.dtype)
     if args.model in TINY_MODELS:
         print(f"model: {args.model}, {TINY_MODELS[args.model].description} built offline with RANDOM weights "
               "(seed 0): its outputs mean nothing; pass --model with a hub id or a folder for a real one")
     else:
         print(f"model: {args.model}")
     print(f"{type(model).__name__}: {len(model.hook_dict)} hook points, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters in {_dtype_names(model)}")
     print(f"  prompt template: {model.prompt_template!r}")
     for name in model.tower_names:
         try:
@@ -338,7 +350,7 @@ def _pair(args: argparse.Namespace, model) -> tuple[Mapping, Mapping, str, str]:
 
 def cmd_patch(args: argparse.Namespace) -> None:
     _check_patch_args(args)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.dtype)
     tower = _tower(model, args.tower, model.prompt_tower)
     attention = args.attention or ("cross_attn" if _has_cross_attn(model, tower) else "attn")
     if attention == "cross_attn" and not _has_cross_attn(model, tower):
@@ -371,8 +383,8 @@ def cmd_patch(args: argparse.Namespace) -> None:
     leaf = names.leaf(args.hook) if args.resid else names.leaf(attention, "z")
 
     kind = f"{args.hook} per position" if args.resid else f"{attention} heads"
-    meta = {"model": args.model, "tower": tower, "kind": kind, "answer": answer, "answer_token": good_piece,
-            "answer_token_id": good_id, "wrong_answer": wrong, "wrong_answer_token": bad_piece,
+    meta = {"model": args.model, "dtype": _dtype_names(model), "tower": tower, "kind": kind, "answer": answer,
+            "answer_token": good_piece, "answer_token_id": good_id, "wrong_answer": wrong, "wrong_answer_token": bad_piece,
             "wrong_answer_token_id": bad_id, "metric": "normalised logit difference",
             "title": f"{tower} {kind}: patched clean into corrupted"}
     _write(args.out, "patch", scores, meta, xlabel, labels,
@@ -425,7 +437,7 @@ def _trace_corruption(args: argparse.Namespace) -> corruption.Corruption:
 def cmd_trace(args: argparse.Namespace) -> None:
     _check_single_args(args)
     corrupt = _trace_corruption(args)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.dtype)
     tower = _tower(model, args.tower, model.prompt_tower)
     if "cross" in patching.TRACE_KINDS[args.kind] and not _has_cross_attn(model, tower):
         others = [k for k, leaf in patching.TRACE_KINDS.items() if "cross" not in leaf]
@@ -448,8 +460,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
         return ("each score is divided by P(target | clean) - P(target | noised image), which is 0 (or not finite) "
                 f"when the noise does not change the prediction; {stronger}")
 
-    meta = {"model": args.model, "tower": tower, "kind": args.kind, "window": args.window, "noise": args.noise,
-            "corruption": corrupt.describe(), "samples": args.samples, "seed": args.seed,
+    meta = {"model": args.model, "dtype": _dtype_names(model), "tower": tower, "kind": args.kind, "window": args.window,
+            "noise": args.noise, "corruption": corrupt.describe(), "samples": args.samples, "seed": args.seed,
             "target": tok.convert_ids_to_tokens(target.tolist()),
             "title": f"causal trace of {tower} ({args.kind}, window {args.window}), normalised"}
     _write(args.out, "trace", scores, meta, "position", labels,
@@ -458,7 +470,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 def cmd_lens(args: argparse.Namespace) -> None:
     _check_single_args(args)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.dtype)
     if not model.output_tower and args.tower is None:
         raise CLIError(f"{type(model).__name__} has no token-predicting tower for a logit lens")
     tower = _tower(model, args.tower, model.output_tower)
@@ -532,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      + ", ".join(TINY_MODELS))
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cpu, cuda or cuda:N")
+        p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="load the weights in this dtype (default: the checkpoint's own; float32 for the tiny "
+                            "models); float16 or bfloat16 halves a 7B model's memory")
         return p
 
     add("info", cmd_info, "towers, layers, heads and hook count of a model")

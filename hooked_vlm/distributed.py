@@ -20,7 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -99,18 +99,23 @@ def require_group() -> None:
                            "hooked_vlm.distributed.setup() first")
 
 
-def map_dataset(fn: Callable[[Any], T], items: Sequence[Any], *, distributed: bool = False) -> list[T] | None:
+def map_dataset(fn: Callable[[Any], T], items: Iterable[Any], *, distributed: bool = False) -> list[T] | None:
     """`[fn(item) for item in items]`; with `distributed=True` each process computes its shard and rank 0 returns
-    the whole list in order (the other ranks return None). Tensors in the results are moved to the CPU."""
+    the whole list in order (the other ranks return None). Tensors in the results are moved to the CPU. A sequence
+    is indexed only at this process's items; any other iterable is walked whole by every process, each keeping
+    every `world_size`-th item (so build examples lazily, in `fn`, where building is costly)."""
     if not distributed:
         return [fn(item) for item in items]
     require_group()
-    local = [(i, _to_cpu(fn(items[i]))) for i in shard(len(items))]
+    if isinstance(items, Sequence):
+        local = [(i, _to_cpu(fn(items[i]))) for i in shard(len(items))]
+    else:
+        local = [(i, _to_cpu(fn(item))) for i, item in enumerate(items) if i % world_size() == rank()]
     gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
     dist.gather_object(local, gathered, dst=0)
     if gathered is None:
         return None
-    results: list[Any] = [None] * len(items)
+    results: list[Any] = [None] * sum(len(part) for part in gathered)
     for part in gathered:
         for i, value in part:
             results[i] = value

@@ -490,19 +490,73 @@ class HookedRootModule(nn.Module):
                 self.clear_contexts()
 
     def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[HookSpec] = (), bwd_hooks: Iterable[HookSpec] = (),
-                       reset_hooks_end: bool = True, clear_contexts: bool = False, **inputs: Any) -> Any:
+                       reset_hooks_end: bool = True, clear_contexts: bool = False,
+                       stop_at_hook: str | bool | None = None, **inputs: Any) -> Any:
         """Run the forward with hooks attached for this call only (other threads do not see them); they are removed
         afterwards (with `reset_hooks_end=False`: attached globally and kept). The inputs are keywords, or the
         processor's output as one positional dict (`run_with_hooks(inputs, fwd_hooks=...)`).
 
         Backward hooks are bound to the tensors of this forward, so a later `.backward()` on its output still runs
         them although they are no longer attached (TransformerLens needs `reset_hooks_end=False` for that).
+
+        `stop_at_hook`: a hook name, or True for the last point `fwd_hooks` attach to (in execution order): the
+        forward ends right after that point's hooks ran, and the call returns None (see `_forward_until`).
         """
         inputs = model_inputs(args, inputs, "run_with_hooks()")
-        self._check_own_keywords(inputs, ("fwd_hooks", "bwd_hooks", "reset_hooks_end", "clear_contexts"),
-                                 "run_with_hooks()")
+        self._check_own_keywords(inputs, ("fwd_hooks", "bwd_hooks", "reset_hooks_end", "clear_contexts",
+                                          "stop_at_hook"), "run_with_hooks()")
+        stop = None
+        if stop_at_hook is not None and stop_at_hook is not False:
+            fwd_hooks = _hook_specs(fwd_hooks, "fwd_hooks")  # a list: read here and again by hooks()
+            if _hook_specs(bwd_hooks, "bwd_hooks"):
+                raise ValueError("run_with_hooks(stop_at_hook=...) returns no output to call .backward() on; drop "
+                                 "bwd_hooks or stop_at_hook")
+            hooked = [p.name for name, _ in fwd_hooks for p in self._points(name)]
+            stop = self._stop_point(stop_at_hook, hooked, "run_with_hooks()", "the last of fwd_hooks")
+            order = self._execution_order()
+            late = [name for name, _ in fwd_hooks if isinstance(name, str) and order[name] > order[stop]]
+            if late:  # a hook named explicitly that would never run
+                raise ValueError(f"run_with_hooks(): fwd_hooks hook {late[0]!r}, which runs after stop_at_hook="
+                                 f"{stop!r}; stop later (stop_at_hook=True stops after the last hooked point)")
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            return self._forward_until(stop, inputs)
+
+    def _stop_point(self, stop_at_hook: Any, needed: Sequence[str], where: str, what: str) -> str:
+        """The hook point `stop_at_hook` names: itself, or for True the last of `needed` in execution order
+        (`hook_dict` is in execution order; tests/test_stop_early.py checks it on every family)."""
+        if stop_at_hook is True:
+            if not needed:
+                raise ValueError(f"{where}: stop_at_hook=True stops after {what}, but there is none; pass a hook name")
+            order = self._execution_order()
+            return max(needed, key=order.__getitem__)
+        if not isinstance(stop_at_hook, str):
+            raise TypeError(f"{where}: stop_at_hook must be a hook name, True (stop after {what}) or None, got "
+                            f"{type(stop_at_hook).__name__} {stop_at_hook!r:.60}")
+        return self._check_name(stop_at_hook)
+
+    def _execution_order(self) -> dict[str, int]:
+        """Each hook name's index in `hook_dict`, which is the order the points run in."""
+        return {name: i for i, name in enumerate(self.hook_dict)}
+
+    def _forward_until(self, stop: str | None, inputs: Mapping[str, Any]) -> Any:
+        """`self(**inputs)`, ended right after hook point `stop` ran (None: not ended): a hook attached last there
+        raises a private exception that only this call catches, so nothing after that point runs (a projector's
+        output never runs the LM). Returns None when it stopped; the output if the point never ran (a block the
+        tower skips). The stop hook lives in its own `hooks()` scope: gone on return and on any exception."""
+        if stop is None:
             return self(**inputs)
+        signal = _StopForward(stop)
+
+        def stop_forward(tensor: Tensor, hook: HookPoint) -> None:
+            raise signal
+
+        with self.hooks([(stop, stop_forward)]):  # the innermost scope: its hook runs after all others at `stop`
+            try:
+                return self(**inputs)
+            except _StopForward as e:
+                if e is not signal:  # a nested call's stop escaped it: not ours to swallow
+                    raise
+                return None
 
     def _check_own_keywords(self, inputs: Mapping[str, Any], own: Sequence[str], where: str) -> None:
         """A keyword the forward does not take but that looks like one of the caller's own (`names_filtr=`) is a
@@ -568,7 +622,7 @@ class HookedRootModule(nn.Module):
     def run_with_cache(self, *args: Any, names_filter: NameFilter = None, device: torch.device | str | None = None,
                        remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
                        clear_contexts: bool = False, pos_slice: Any = None, return_cache_object: bool = True,
-                       **inputs: Any):
+                       stop_at_hook: str | bool | None = None, **inputs: Any):
         """Run the forward and return `(output, cache)`, the cache holding the selected activations
         (TransformerLens's `run_with_cache`, arguments and defaults included). The inputs are keywords, or the
         processor's output as one positional dict (`run_with_cache(inputs)`).
@@ -583,11 +637,24 @@ class HookedRootModule(nn.Module):
         caches the gradients under `name + "_grad"`. That needs an output of one element (TransformerLens's
         `return_type="loss"`); hooked_vlm's forwards return logits, so for the gradients of a metric attach
         `get_caching_hooks(names, incl_bwd=True)` with `hooks()` and call `.backward()` on the metric yourself.
+
+        `stop_at_hook` ends the forward right after one hook point ran, and the output is None (TransformerLens's
+        `stop_at_layer` returns the residual stream instead; here it is in the cache): True stops after the last
+        cached name (in execution order), so `names_filter="projector.hook_out"` never runs the LM; a name stops
+        there, and a `names_filter` of None or a predicate then selects only the points up to it (an explicit name
+        after it is an error). TransformerLens's `stop_at_layer=L` is `stop_at_hook="lm.blocks.{L}.hook_resid_pre"`
+        (which also caches the stream TL returns). Activations equal a full run's exactly.
         """
         inputs = model_inputs(args, inputs, "run_with_cache()")
         self._check_own_keywords(inputs, ("names_filter", "device", "incl_bwd", "remove_batch_dim", "tower_outputs",
-                                          "reset_hooks_end", "clear_contexts", "pos_slice", "return_cache_object"),
-                                 "run_with_cache()")
+                                          "reset_hooks_end", "clear_contexts", "pos_slice", "return_cache_object",
+                                          "stop_at_hook"), "run_with_cache()")
+        stop = None
+        if stop_at_hook is not None and stop_at_hook is not False:
+            if incl_bwd:
+                raise ValueError("run_with_cache(incl_bwd=True) calls .backward() on the output, which "
+                                 "stop_at_hook leaves out; pass one of them")
+            stop, names_filter = self._names_until(stop_at_hook, names_filter)
         if incl_bwd and not torch.is_grad_enabled():
             raise RuntimeError("run_with_cache(incl_bwd=True) under torch.no_grad() would cache no gradient; call "
                                "it with gradients enabled")
@@ -599,13 +666,36 @@ class HookedRootModule(nn.Module):
                 raise ValueError(f"remove_batch_dim=True needs a batch of one example; {key} holds {size}")
         store, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice)
         with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            out = self(**inputs)
+            out = self._forward_until(stop, inputs)
             if incl_bwd:
                 _backward(out)
         if not return_cache_object:
             return out, store
         positions = self.positions(**inputs) if hasattr(self, "positions") else None  # a pure function of the inputs
         return out, ActivationCache(store, self, positions=positions, has_batch_dim=not remove_batch_dim)
+
+    def _names_until(self, stop_at_hook: Any, names_filter: NameFilter) -> tuple[str, list[str]]:
+        """`run_with_cache`'s stop point and the names it caches: the selected names up to the stop point (an
+        explicit name after it is an error: it would silently be missing from the cache)."""
+        names = self.hook_names(names_filter)
+        stop = self._stop_point(stop_at_hook, names, "run_with_cache()", "the last cached name")
+        order = self._execution_order()
+        after = [n for n in names if order[n] > order[stop]]
+        if after and not (names_filter is None or callable(names_filter)):
+            raise ValueError(f"run_with_cache(): names_filter asks for {after[0]!r}, which runs after stop_at_hook="
+                             f"{stop!r}; stop later (stop_at_hook=True stops after the last cached name) or cache less")
+        kept = [n for n in names if order[n] <= order[stop]]
+        if not kept:
+            raise ValueError(f"run_with_cache(): every name names_filter selects runs after stop_at_hook={stop!r}, so "
+                             "the cache would be empty; stop later or select earlier hooks")
+        return stop, kept
+
+
+class _StopForward(Exception):
+    """Raised by the hook `_forward_until` attaches, to end a forward at a hook point; caught by that call alone."""
+
+    def __init__(self, point: str) -> None:
+        super().__init__(f"forward stopped after {point} (stop_at_hook); this escaped the call that stopped it")
 
 
 def model_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> dict[str, Any]:
@@ -655,8 +745,8 @@ def _backward(out: Any) -> None:
         what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
         raise RuntimeError(f"run_with_cache(incl_bwd=True) calls .backward() on the model's output, as TransformerLens "
                            f"does, which needs one element (TL's return_type='loss'), but the output is {what}; for "
-                           "the gradients of a metric: cache, fwd, bwd = model.get_caching_hooks(names, incl_bwd=True), "
-                           "then with model.hooks(fwd, bwd): metric(model(**inputs)).backward()")
+                           "the gradients of a metric: cache, fwd, bwd = model.get_caching_hooks(names, "
+                           "incl_bwd=True), then with model.hooks(fwd, bwd): metric(model(**inputs)).backward()")
     if not out.requires_grad:
         raise RuntimeError("run_with_cache(incl_bwd=True): the output does not require grad (every parameter frozen "
                            "and no input requiring grad), so there is no gradient to cache")

@@ -16,6 +16,9 @@ Builders (each returns ``(hf_model, processor)``, model in eval mode, float32, e
 * :func:`build_llava` -- ``LlavaForConditionalGeneration`` (CLIP + projector + Llama) + ``LlavaProcessor``
 * :func:`build_instructblip` -- ``InstructBlipForConditionalGeneration`` with a Llama or T5 LM +
   ``InstructBlipProcessor``
+* :func:`build_llava_real_shapes`, :func:`build_blip_vqa_real_shapes`, :func:`build_instructblip_real_shapes` --
+  the real checkpoints' widths, heads, vocabularies, token ids and processor settings, with the LMs (and EVA's
+  39 layers) cut to a few layers; ``meta=True`` builds them on the meta device (shapes only, no memory)
 
 By default every parameter is overwritten by :func:`randomize_parameters_`: HF's own init leaves
 LayerNorms at 1/0, biases at 0 and InstructBLIP's ``query_tokens`` at exactly 0, which hides bugs such
@@ -72,6 +75,9 @@ __all__ = [
     "build_blip",
     "build_llava",
     "build_instructblip",
+    "build_llava_real_shapes",
+    "build_blip_vqa_real_shapes",
+    "build_instructblip_real_shapes",
 ]
 
 WORDS = (
@@ -105,15 +111,29 @@ def random_image(size: tuple[int, int] = (40, 30), seed: int = 0) -> Image.Image
 
 
 # ----------------------------------------------------------------------------------------- tokenizers
-def make_bert_tokenizer(add_blip_special_tokens: bool = True) -> BertTokenizer:
+def _bert_base_layout(pieces: list[str]) -> dict[str, int]:
+    """bert-base-uncased's 30,522-entry id layout: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, the
+    ``pieces`` from 1996 (where its words start), every other id an ``[unusedN]`` placeholder no text produces."""
+    ids = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+    ids.update({piece: 1996 + i for i, piece in enumerate(pieces)})
+    taken = set(ids.values())
+    free = (i for i in range(30522) if i not in taken)
+    ids.update({f"[unused{n}]": i for n, i in enumerate(free)})
+    return ids
+
+
+def make_bert_tokenizer(add_blip_special_tokens: bool = True, real_ids: bool = False) -> BertTokenizer:
     """WordPiece tokenizer over a tiny in-memory vocab (58 tokens with the BLIP specials, else 56).
 
     With ``add_blip_special_tokens`` it mirrors Salesforce BLIP: ``bos_token = "[DEC]"`` and an extra
     ``"[ENC]"`` (ids 30522/30523 in the real vocab, 56/57 here). The Q-Former tokenizer of InstructBLIP
-    is a plain BERT tokenizer (``add_blip_special_tokens=False``).
+    is a plain BERT tokenizer (``add_blip_special_tokens=False``). ``real_ids`` lays the same words out
+    as bert-base-uncased's 30,522 ids (see :func:`_bert_base_layout`), so the special tokens get the real
+    checkpoints' ids ([SEP] 102, [DEC] 30522).
     """
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS + ["?", ".", ",", ":", "##s"])}
+    pieces = WORDS + ["?", ".", ",", ":", "##s"]
+    vocab = _bert_base_layout(pieces) if real_ids else {t: i for i, t in enumerate(specials + pieces)}
     # NB: pass the vocab as `vocab=` (a dict or a path); `vocab_file=path` silently builds a 5-token vocab in 5.x.
     tok = BertTokenizer(vocab=vocab)
     if add_blip_special_tokens:
@@ -127,12 +147,15 @@ def _bpe_merges(bpe_tokenizer: Any) -> list[tuple[str, str]]:
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
-def make_llama_tokenizer(image_token: str = "<image>", extra_vocab: int = 400) -> LlamaTokenizer:
+def make_llama_tokenizer(image_token: str = "<image>", extra_vocab: int = 400,
+                         base_vocab: int | None = None) -> LlamaTokenizer:
     """Llama-style byte-fallback BPE, trained on :data:`SENTENCES` with ``tokenizers``.
 
     Layout as in Llama: ``<unk>=0 <s>=1 </s>=2``, ``<0x00>..<0xFF> = 3..258``, then the learned pieces,
     then the added tokens ``image_token`` and ``<pad>`` (as in llava-hf: 32000, 32001). With the default
     ``extra_vocab=400`` the vocab has 439 entries (``<image>`` 437, ``<pad>`` 438). Pads on the left.
+    ``base_vocab=32000`` fills the vocabulary up to Llama's 32,000 pieces with ``<unusedN>`` placeholders (no
+    merge produces them), so the added tokens get llava-hf's ids 32000 and 32001.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -146,9 +169,14 @@ def make_llama_tokenizer(image_token: str = "<image>", extra_vocab: int = 400) -
         show_progress=False,
     )
     bpe.train_from_iterator(SENTENCES * 5, trainer=trainer)
+    vocab = bpe.get_vocab()
+    if base_vocab is not None:
+        if base_vocab < len(vocab):
+            raise ValueError(f"base_vocab={base_vocab} is below the {len(vocab)} pieces learned; pass at least that")
+        vocab.update({f"<unused{i}>": i for i in range(len(vocab), base_vocab)})
     # 5.x: LlamaTokenizer is the tokenizers-backed class, and add_bos_token defaults to False: pass it.
     tok = LlamaTokenizer(
-        vocab=bpe.get_vocab(),
+        vocab=vocab,
         merges=_bpe_merges(bpe),
         unk_token="<unk>",
         bos_token="<s>",
@@ -201,17 +229,21 @@ def randomize_parameters_(model: torch.nn.Module, seed: int = 0, std: float = 0.
     return model
 
 
-def _finish(model: torch.nn.Module, seed: int, randomize: bool, eager: bool = True) -> torch.nn.Module:
+def _finish(model: torch.nn.Module, seed: int, randomize: bool, eager: bool = True,
+            std: float = 0.1) -> torch.nn.Module:
     if eager:
         # Default is sdpa, which silently returns no attention maps for output_attentions=True.
         # This call propagates to every sub-config (vision, Q-Former, LM).
         model.set_attn_implementation("eager")
     if randomize:
-        randomize_parameters_(model, seed=seed)
+        randomize_parameters_(model, seed=seed, std=std)
     return model.float().eval()
 
 
-def _init_model(cls: type, cfg: Any, seed: int) -> torch.nn.Module:
+def _init_model(cls: type, cfg: Any, seed: int, meta: bool = False) -> torch.nn.Module:
+    if meta:  # shapes only: no memory, no init (a real-sized converter check)
+        with torch.device("meta"):
+            return cls(cfg)
     # HF init draws from the global RNG: seed it, but restore the caller's RNG state afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -308,7 +340,8 @@ def build_llava(
     CLS) or ``"full"``, and the processor uses the same strategy. Returns ``(model, processor)``.
     """
     if vision_feature_select_strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}")
+        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got "
+                         f"{vision_feature_select_strategy!r}")
     tok = make_llama_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=vis_hidden,
@@ -474,4 +507,120 @@ def build_instructblip(
         qformer_tokenizer=qf_tok,
         num_query_tokens=cfg.num_query_tokens,  # must equal the config's
     )
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------- real checkpoint shapes
+# The checkpoints' own widths, head counts, vocabularies, token ids, norms' eps and processor settings (from their
+# config.json and preprocessor_config.json), with random weights and the LMs cut to `lm_layers` so that they fit a
+# CPU. Weights get std 0.02 (HF's initializer_range) rather than 0.1: at width 4096 a 0.1 weight multiplies the
+# stream's scale by ~6 per linear layer, which saturates every softmax and hides the errors a parity test looks for.
+REAL_STD = 0.02
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, used by LLaVA-1.5, BLIP and InstructBLIP alike
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _real_model(cls: type, cfg: Any, seed: int, randomize: bool, meta: bool, eager: bool = True) -> torch.nn.Module:
+    model = _init_model(cls, cfg, seed, meta=meta)
+    return _finish(model, seed, randomize and not meta, eager=eager, std=REAL_STD)
+
+
+def _vicuna_config(tok: LlamaTokenizer, *, vocab_size: int, layers: int, eps: float, max_positions: int) -> LlamaConfig:
+    """Llama/Vicuna-7B's widths: d 4096, 32 heads of 128 (no grouped-query), MLP 11008, untied head."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=max_positions,
+                       rms_norm_eps=eps, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+
+
+def build_llava_real_shapes(seed: int = 0, randomize: bool = True, *, vis_layers: int = 24, lm_layers: int = 2,
+                            meta: bool = False):
+    """``llava-hf/llava-1.5-7b-hf``'s shapes + ``LlavaProcessor``, the LM cut to ``lm_layers``.
+
+    CLIP ViT-L/14 at 336 px (24 layers, d 1024, 16 heads, MLP 4096, quick_gelu, 577 positions), features from
+    layer -2 without CLS: 576 image tokens on a 24 x 24 grid; projector 1024 -> 4096 -> 4096 (GELU, biases);
+    Llama d 4096, 32 heads, MLP 11008, RMSNorm eps 1e-5, vocabulary 32064 with ``<image>`` 32000 and ``<pad>``
+    32001, untied head. The processor resizes the shortest edge to 336 (bicubic), centre-crops 336 x 336 and
+    normalises with CLIP's mean and std. About 1.0 B parameters (4 GB in float32) with the defaults.
+    Returns ``(model, processor)``.
+    """
+    tok = make_llama_tokenizer(base_vocab=32000)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vis_layers,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = _vicuna_config(tok, vocab_size=32064, layers=lm_layers, eps=1e-5, max_positions=4096)
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=576,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = _real_model(LlavaForConditionalGeneration, cfg, seed, randomize, meta)
+    image_processor = CLIPImageProcessorPil(
+        do_resize=True, size={"shortest_edge": 336}, resample=Image.Resampling.BICUBIC, do_center_crop=True,
+        crop_size={"height": 336, "width": 336}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    return model, processor
+
+
+def _blip_image_processor(size: int) -> BlipImageProcessorPil:
+    """Salesforce's BLIP / InstructBLIP preprocessing: a bicubic resize to size x size (no crop), CLIP's mean/std."""
+    return BlipImageProcessorPil(do_resize=True, size={"height": size, "width": size},
+                                 resample=Image.Resampling.BICUBIC, do_rescale=True, rescale_factor=1 / 255,
+                                 do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+
+
+def build_blip_vqa_real_shapes(seed: int = 0, randomize: bool = True, *, vis_layers: int = 12,
+                               text_layers: int = 12, meta: bool = False):
+    """``Salesforce/blip-vqa-base``'s shapes + ``BlipProcessor``: in full with the defaults (361 M parameters).
+
+    ViT-B/16 at 384 px (d 768, 12 heads, MLP 3072, LN eps 1e-5, 577 positions); BERT-base question encoder and
+    answer decoder (d 768, 12 heads, MLP 3072, LN eps 1e-12, 512 positions), vocabulary 30524 laid out as
+    bert-base-uncased's with ``[DEC]`` 30522 (bos) and ``[ENC]`` 30523. ``vis_layers`` / ``text_layers`` cut the
+    towers (each text tower gets ``text_layers``). Returns ``(model, processor)``.
+    """
+    tok = make_bert_tokenizer(real_ids=True)
+    text = BlipTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                          num_hidden_layers=text_layers, num_attention_heads=12, max_position_embeddings=512,
+                          layer_norm_eps=1e-12, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                          sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id, projection_dim=512)
+    vision = BlipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=vis_layers,
+                              num_attention_heads=12, image_size=384, patch_size=16, layer_norm_eps=1e-5,
+                              projection_dim=512)
+    cfg = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512,
+                     image_text_hidden_size=256)
+    model = _real_model(BlipForQuestionAnswering, cfg, seed, randomize, meta, eager=False)  # BLIP is eager-only
+    return model, BlipProcessor(image_processor=_blip_image_processor(384), tokenizer=tok)
+
+
+def build_instructblip_real_shapes(seed: int = 0, randomize: bool = True, *, vis_layers: int = 2,
+                                   qf_layers: int = 12, lm_layers: int = 2, meta: bool = False):
+    """``Salesforce/instructblip-vicuna-7b``'s shapes + ``InstructBlipProcessor``, EVA and Vicuna cut.
+
+    EVA ViT-g/14 at 224 px (d 1408, 16 heads, MLP 6144, LN eps 1e-6, qkv biases, 257 positions) cut from 39 to
+    ``vis_layers``; the Q-Former in full (12 layers, d 768, 12 heads, MLP 3072, cross-attention to width 1408
+    every 2nd layer, 32 query tokens, vocabulary 30523: bert-base-uncased's plus ``[DEC]``); Vicuna-7B (d 4096,
+    32 heads, MLP 11008, RMSNorm eps 1e-6) cut to ``lm_layers``. The LM vocabulary is Vicuna's 32,000 pieces plus
+    ``<image>`` 32000 and ``<pad>`` 32001 (a layout of our own: the checkpoint's added tokens may be numbered
+    differently). Images are resized to 224 x 224 (bicubic) and normalised with CLIP's mean and std.
+    Returns ``(model, processor)``.
+    """
+    qf_tok = make_bert_tokenizer(add_blip_special_tokens=False, real_ids=True)
+    qf_tok.add_special_tokens({"bos_token": "[DEC]"})  # LAVIS's Q-Former tokenizer: 30523 entries
+    lm_tok = make_llama_tokenizer(base_vocab=32000)
+    vision = InstructBlipVisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=vis_layers,
+                                      num_attention_heads=16, image_size=224, patch_size=14, layer_norm_eps=1e-6,
+                                      qkv_bias=True)
+    qformer = InstructBlipQFormerConfig(vocab_size=len(qf_tok), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=qf_layers, num_attention_heads=12,
+                                        cross_attention_frequency=2, encoder_hidden_size=1408,
+                                        max_position_embeddings=512, layer_norm_eps=1e-12,
+                                        pad_token_id=qf_tok.pad_token_id)
+    text = _vicuna_config(lm_tok, vocab_size=len(lm_tok), layers=lm_layers, eps=1e-6, max_positions=2048)
+    cfg = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=text.to_dict(), num_query_tokens=32,
+                             image_token_index=lm_tok.convert_tokens_to_ids("<image>"))
+    model = _real_model(InstructBlipForConditionalGeneration, cfg, seed, randomize, meta)
+    processor = InstructBlipProcessor(image_processor=_blip_image_processor(224), tokenizer=lm_tok,
+                                      qformer_tokenizer=qf_tok, num_query_tokens=32)
     return model, processor

@@ -22,6 +22,8 @@ torch.set_num_threads(2)
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_typecheck: run without the jaxtyping checks (tests of the errors users "
                                        "see, which the checks would pre-empt with a TypeCheckError)")
+    config.addinivalue_line("markers", "slow: minutes or GBs (real-shaped models, several processes); CI runs them, "
+                                       "`pytest -m 'not slow'` is the quick loop")
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,11 @@ The errors (one line, exit status 2) are in tests/bad_inputs/test_bad_cli.py.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +202,100 @@ def test_every_option_has_help_with_its_default():
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
             if action.default not in (None, False):
                 assert f"(default: {action.default})" in text, f"{name} {action.option_strings} hides its default"
+
+
+# ------------------------------------------------------------------------------------------ --dtype and --batch-size
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_loads_the_tiny_model_in_that_dtype(capsys, tmp_path, dtype):
+    """--dtype reaches the weights: `info` reports them in that dtype, and patch's JSON records the dtype it ran in
+    (its metric is accumulated in float32, so the scores stay finite)."""
+    code, out, err = run(capsys, "info", "--model", "tiny-llava", "--dtype", dtype)
+    assert code == 0, err
+    assert f"M parameters in {dtype}" in out
+    code, _, err = run(capsys, "patch", "--model", "tiny-llava", "--dtype", dtype, "--out", str(tmp_path),
+                       "--batch-size", "8")
+    assert code == 0, err
+    data = strict_json(tmp_path / "patch.json")
+    assert data["dtype"] == dtype and any(v is not None for row in data["scores"] for v in row)
+
+
+def test_dtype_reads_a_checkpoint_folder_in_that_dtype(capsys, tmp_path):
+    """A float32 checkpoint on disk, loaded with --dtype bfloat16, is bfloat16 (the from_pretrained path, not the
+    tiny models' from_hf); without --dtype it keeps its own float32."""
+    tiny_model("tiny").save_pretrained(tmp_path / "ckpt")
+    code, out, err = run(capsys, "info", "--model", str(tmp_path / "ckpt"), "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "M parameters in bfloat16" in out
+    code, out, err = run(capsys, "info", "--model", str(tmp_path / "ckpt"))
+    assert code == 0 and "M parameters in float32" in out, err
+
+
+def test_dtype_outside_the_choices_is_one_line(capsys):
+    code, out, err = run(capsys, "lens", "--dtype", "int8")
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1 and "--dtype" in err and "bfloat16" in err
+
+
+@pytest.mark.parametrize("command,sweep", [("patch", "patch_heads"), ("trace", "causal_trace")])
+def test_batch_size_reaches_the_sweep(capsys, tmp_path, monkeypatch, command, sweep):
+    seen = []
+    real = getattr(patching, sweep)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("batch_size"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patching, sweep, spy)
+    code, _, err = run(capsys, command, "--out", str(tmp_path), "--batch-size", "3")
+    assert code == 0, err
+    assert seen == [3]
+
+
+# ------------------------------------------------------------------------------------------ the examples' flags
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = sorted(path.stem for path in EXAMPLES.glob("*.py") if not path.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_example_offers_dtype_and_batch_size(script, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module(script)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            module.main(["--help"])
+    finally:
+        sys.modules.pop(script, None)
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0 and "--dtype {float32,float16,bfloat16}" in text and "--batch-size" in text
+
+
+def test_example_runs_in_the_dtype_and_batch_size_asked(tmp_path, monkeypatch):
+    """llava_object_patches with --dtype bfloat16 --batch-size 3: its sweep gets a bfloat16 model and batches of 3."""
+    pytest.importorskip("matplotlib")
+    seen = []
+    real = patching.patch_resid
+
+    def spy(model, *args, **kwargs):
+        seen.append((model.dtype, kwargs.get("batch_size")))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(patching, "patch_resid", spy)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module("llava_object_patches")
+    try:
+        assert module.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "bfloat16", "--batch-size", "3"]) == 0
+    finally:
+        sys.modules.pop("llava_object_patches", None)
+    assert seen == [(torch.bfloat16, 3)]
+
+
+@pytest.mark.parametrize("value", ["0", "x"])
+def test_example_batch_size_must_be_a_positive_integer(value, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module("llava_object_patches")
+    try:
+        with pytest.raises(SystemExit) as exit:
+            module.main(["--batch-size", value])
+    finally:
+        sys.modules.pop("llava_object_patches", None)
+    assert exit.value.code == 2 and "--batch-size" in capsys.readouterr().err

@@ -183,7 +183,7 @@ def test_both_lm_kinds_go_through_one_interface(kind):
     if kind == "llava":
         image = model.image_features(inputs["pixel_values"])
     else:
-        image = model.encode_image(inputs["pixel_values"], inputs["qformer_input_ids"],
+        image = model.image_features(inputs["pixel_values"], inputs["qformer_input_ids"],
                                    inputs["qformer_attention_mask"])
     embeds = lm.inputs_embeds(prompt, image)
     logits = lm.logits(prompt, embeds)

@@ -135,7 +135,8 @@ class HookedVLM(TokenMethods, HookedRootModule):  # TokenMethods: to_tokens, to_
 
     def run_with_cache(self, *args: Any, tower_outputs: bool = False, **kwargs: Any):
         """`HookedRootModule.run_with_cache`; with `tower_outputs=True` the cache also keeps what each tower
-        returned (what the towers after it read) in `cache.tower_outputs`, for `resume`."""
+        returned (what the towers after it read) in `cache.tower_outputs`, for `resume`; with `stop_at_hook`, only
+        the towers that finished before the stop."""
         if not tower_outputs:
             return super().run_with_cache(*args, **kwargs)
         towers = self.towers()

@@ -40,6 +40,11 @@ class _Blip(HookedVLM):
         if "text_decoder" in self.tower_names:
             self.text_decoder = TextTower(cfg.text_decoder)
 
+    def image_features(self, pixel_values: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B N D"]:
+        """The vision tower's output (class token and patches, after its final norm): what the text towers
+        cross-attend to."""
+        return self.vision(pixel_values)
+
     def _tokens(self, ids: Tensor | None, mask: Tensor | None, tower: str, name: str = "input_ids",
                 mask_name: str = "attention_mask") -> tuple[Tensor, Tensor]:
         """Checked ids and mask (all ones if None) of what `tower` reads."""
@@ -101,7 +106,7 @@ class HookedBlipCaptioning(_Blip):
         given, `[CLS]` from the processor; HF's generate replaces it by `[DEC]`)."""
         input_ids, attention_mask = self._prompt(input_ids, attention_mask)
         self._check_batch(pixel_values, input_ids)
-        image = self.vision(pixel_values)
+        image = self.image_features(pixel_values)
         resid = self.text_decoder(input_ids, attention_mask, kv_input=image)
         return self.text_decoder.logits(resid)
 
@@ -126,7 +131,7 @@ class HookedBlipCaptioning(_Blip):
             ids = ids[:, :-1]
             mask = attention_mask[:, :-1].clone()
         self._check_batch(pixel_values, ids)
-        image = self.vision(pixel_values)
+        image = self.image_features(pixel_values)
         step = decoding_step(self.text_decoder, position_key="positions", kv_input=image)
         return decode(step, ids, mask, max_new_tokens, pick=pick, **self._stop_tokens(eos_token_id, pad_token_id))
 
@@ -154,7 +159,7 @@ class HookedBlipVQA(_Blip):
         """The question encoded by `text_encoder` reading the image, and its mask."""
         if not checked:
             input_ids, attention_mask = self._question(pixel_values, input_ids, attention_mask)
-        image = self.vision(pixel_values)
+        image = self.image_features(pixel_values)
         return self.text_encoder(input_ids, attention_mask, kv_input=image), attention_mask
 
     @strict_forward
@@ -220,7 +225,7 @@ class HookedBlipITM(_Blip):
             self._check_batch(pixel_values, input_ids)
         else:  # similarities of every image with every text: the batches may differ
             check_pixels(pixel_values, self.vision)
-        image = self.vision(pixel_values)
+        image = self.image_features(pixel_values)
         if use_itm_head:
             text = self.text_encoder(input_ids, attention_mask, kv_input=image)
             return self.itm_head(text[:, 0])

@@ -114,7 +114,7 @@ class HookedInstructBlip(HookedVLM):
                              "the image or use part of it)")
         return prompt
 
-    def encode_image(self, pixel_values: Float[Tensor, "B 3 H W"], qformer_input_ids: Int[Tensor, "B T_q"],
+    def image_features(self, pixel_values: Float[Tensor, "B 3 H W"], qformer_input_ids: Int[Tensor, "B T_q"],
                      qformer_attention_mask: Int[Tensor, "B T_q"] | None = None) -> Float[Tensor, "B n_query D_lm"]:
         """Vision tower, Q-Former and projection: the queries in the LM's embedding space."""
         image = self.vision(pixel_values)
@@ -135,7 +135,7 @@ class HookedInstructBlip(HookedVLM):
         """
         prompt = self._check_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                     attention_mask, decoder_input_ids, decoder_attention_mask, position_ids)
-        queries = self.encode_image(pixel_values, qformer_input_ids, qformer_attention_mask)
+        queries = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         embeds = self.language.inputs_embeds(prompt, queries)
         return self.language.logits(prompt, embeds, hf_positions=self.cfg.hf_positions)
 
@@ -184,7 +184,7 @@ class HookedInstructBlip(HookedVLM):
             input_ids = self.language.generation_prompt(placeholders, pixel_values.shape[0], pixel_values.device)
         prompt = self._check_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                     attention_mask, generating=True)
-        queries = self.encode_image(pixel_values, qformer_input_ids, qformer_attention_mask)
+        queries = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         embeds = self.language.inputs_embeds(prompt, queries)
         return self.language.generate(prompt, embeds, max_new_tokens,
                                       eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,

@@ -18,7 +18,9 @@ corruptions) the mean over samples of the (normalised) cells.
 
 Cells are single positions (`positions`), groups of positions patched jointly (`groups`: "image", "text", "last",
 an object's patches, any positions per example, ragged), or heads. `sweep_results` runs a sweep over a data set and
-keeps each example's values with its metadata, aligned by role (`SweepResults.aligned("last")`).
+keeps each example's values with its metadata, aligned by role (`SweepResults.aligned("last")`); over any iterable
+of examples, and with `out=FOLDER` each example's result is stored as it finishes, so that a killed run resumes
+(`hooked_vlm.result_store`). `cache_device="cpu"` keeps the cached runs off the accelerator.
 
 The package: `sweeps` (the public sweeps and their argument checks), `groups` (positions and groups of positions),
 `engine` (the runs: clean and corrupted once, the cells stacked and resumed) and `results` (sweeps over a data set).

@@ -54,7 +54,8 @@ class _Bound:
     scale of a Gaussian; `hooks(sample, forwards)` for a batch of len(forwards) stacked copies of the B examples,
     copy k being forward `forwards[k]` (see `Corruption.seed_of`)."""
 
-    def __init__(self, model: HookedVLM, c: Corruption, tower: str, site: str | None, clean_cache: Any):
+    def __init__(self, model: HookedVLM, c: Corruption, tower: str, site: str | None, clean_cache: Any,
+                 offloaded: bool = False):
         self.c, self.site, self.mask, self.std = c, site, None, None
         self._drawn: dict[int, Tensor] = {}
         if site is None:  # hooks of the user's own
@@ -81,6 +82,8 @@ class _Bound:
         self.mask = mask
         if c.kind == "gaussian":
             given = c.params.get("std")
+            if offloaded:  # the std is computed where the default computes it (the same float sum)
+                values = values.to(model.device)
             self.std = float(given) if given is not None else (empirical_std(values, mask) if c.params["scale"]
                                                                else 0.0)
         elif mask is not None and not mask.any():
@@ -128,7 +131,8 @@ class _Setup:
     the corrupted run."""
 
     def __init__(self, model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric,
-                 tower: str, leaves: list[str], direction: Direction, samples: int):
+                 tower: str, leaves: list[str], direction: Direction, samples: int,
+                 cache_device: torch.device | str | None = None):
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -140,28 +144,33 @@ class _Setup:
                              "the draws of a random corruption (gaussian, multiplicative)")
         self.model, self.clean, self.corrupt, self.metric = model, clean, corrupt, metric
         self.tower, self.leaves, self.direction, self.samples = tower, leaves, direction, samples
+        self.cache_device = cache_device = _check_cache_device(cache_device)
         if not isinstance(corrupt, Corruption):
             return
         site = _site_hook(model, corrupt, tower)
         wanted = _target_wanted(model, tower, leaves)
         with torch.no_grad():
-            self.clean_run = model.run_with_cache(**clean, tower_outputs=True,
+            self.clean_run = model.run_with_cache(**clean, tower_outputs=True, device=cache_device,
                                                   names_filter=lambda n: wanted(n) or n == site)
-        self.bound = _Bound(model, corrupt, tower, site, self.clean_run[1])
+        _offload_outputs(self.clean_run[1], cache_device)
+        self.bound = _Bound(model, corrupt, tower, site, self.clean_run[1], offloaded=cache_device is not None)
 
     def runs(self, sample: int) -> "_Runs":
         model, clean, tower, leaves = self.model, self.clean, self.tower, self.leaves
         if not isinstance(self.corrupt, Corruption):
-            return _Runs.for_direction(model, clean, self.corrupt, self.metric, tower, self.direction, leaves)
+            return _Runs.for_direction(model, clean, self.corrupt, self.metric, tower, self.direction, leaves,
+                                       self.cache_device)
         bound = self.bound
         if self.direction == "denoise":
             return _Runs(model, clean, self.clean_run, self.metric, tower, leaves, clean_is_source=True,
                          target_hooks=lambda forwards: bound.hooks(sample, forwards),
-                         resumable=not self.corrupt.per_forward, cut_allowed=bound.cut_allowed)
+                         resumable=not self.corrupt.per_forward, cut_allowed=bound.cut_allowed,
+                         cache_device=self.cache_device)
         with torch.no_grad(), model.hooks(bound.hooks(sample, [0])):
-            corrupted = model.run_with_cache(**clean, names_filter=names.in_blocks(tower, *leaves))
+            corrupted = model.run_with_cache(**clean, names_filter=names.in_blocks(tower, *leaves),
+                                             device=self.cache_device)
         return _Runs(model, clean, corrupted, self.metric, tower, leaves, clean_is_source=False,
-                     target_run=self.clean_run)
+                     target_run=self.clean_run, cache_device=self.cache_device)
 
     def average(self, one: Callable[["_Runs"], Tensor]) -> Tensor:
         results = [one(self.runs(sample)) for sample in range(self.samples)]
@@ -185,13 +194,19 @@ class _Runs:
     `target_hooks(forwards)` corrupt the target run (a `Corruption`'s hooks): the target run is forward 0, the
     cell of layer L and variant v forward 1 + L * n_variants + v. They also run in the cells' runs, whose batch holds
     several copies of the target batch. `resumable=False` (a corruption drawn anew in every forward) runs the cells
-    as whole forwards; otherwise they resume at the patched layer. `target_run`: the target run already made."""
+    as whole forwards; otherwise they resume at the patched layer. `target_run`: the target run already made.
+
+    `cache_device` (None: where each activation is produced): where the cached activations of both runs stay
+    (`"cpu"` keeps them off the accelerator); a chunk of cells brings to its blocks' devices only what it reads: the
+    stream entering its first patched layer, the keys and values of the prefix from that layer on, the towers'
+    outputs, and the source values of its cells (gathered where they are cached)."""
 
     def __init__(self, model: HookedVLM, target: Mapping[str, Any],
                  source: Mapping[str, Any] | tuple[Tensor, Any] | None,
                  metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
                  target_hooks: Callable[[list[int]], list[HookSpec]] | None = None,
-                 target_run: tuple[Tensor, Any] | None = None, resumable: bool = True, cut_allowed: bool = True):
+                 target_run: tuple[Tensor, Any] | None = None, resumable: bool = True, cut_allowed: bool = True,
+                 cache_device: torch.device | str | None = None):
         if not callable(metric):
             raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
                             "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
@@ -199,6 +214,7 @@ class _Runs:
         self.n_layers = model.tower_info(tower).n_layers
         self.target, self.target_hooks = dict(target), target_hooks
         self.resumable, self.cut_allowed = resumable, cut_allowed
+        cache_device = _check_cache_device(cache_device)
         self.B = _batch_size(self.target)
         wanted = names.in_blocks(tower, *leaves)
         # a causal tower with a KV cache resumes on the positions after the first patched one: the target run's
@@ -209,13 +225,15 @@ class _Runs:
             if isinstance(source, tuple):  # a run the caller already made (its cache must hold the leaves)
                 source_logits, self.source = source
             elif source is not None:
-                source_logits, self.source = model.run_with_cache(**source, names_filter=wanted)
+                source_logits, self.source = model.run_with_cache(**source, names_filter=wanted, device=cache_device)
             if target_run is not None:
                 target_logits, self.target_cache = target_run
             else:  # what the resumed runs start from: the stream, the towers' outputs, the patched hooks
                 with model.hooks(target_hooks([0]) if target_hooks is not None else []):
                     target_logits, self.target_cache = model.run_with_cache(
-                        **self.target, tower_outputs=True, names_filter=_target_wanted(model, tower, leaves))
+                        **self.target, tower_outputs=True, names_filter=_target_wanted(model, tower, leaves),
+                        device=cache_device)
+        _offload_outputs(self.target_cache, cache_device)
         self.target_logits = target_logits
         if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
             source_logits, self.source = target_logits, self.target_cache
@@ -231,12 +249,14 @@ class _Runs:
 
     @classmethod
     def for_direction(cls, model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
-                      metric: metrics_.Metric, tower: str, direction: Direction, leaves: list[str]) -> "_Runs":
+                      metric: metrics_.Metric, tower: str, direction: Direction, leaves: list[str],
+                      cache_device: torch.device | None = None) -> "_Runs":
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
         _check_inputs(model, clean, corrupt)
         target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-        return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise")
+        return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise",
+                   cache_device=cache_device)
 
     def source_act(self, leaf: str) -> Tensor:
         name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
@@ -267,10 +287,14 @@ class _Runs:
         return _make_cells(positions, groups, pos, self.B, self.length(leaf, dim))
 
     def _prefix(self, first: int, cut: int, n: int) -> KVCache | None:
-        """The target run's keys and values of the first `cut` positions, for n stacked copies of the batch."""
+        """The target run's keys and values of the first `cut` positions, for n stacked copies of the batch, on the
+        devices of their blocks."""
         if not cut:
             return None
-        prefix = self.model.prefix_cache(self.tower, self.target_cache, cut, start_layer=first)
+        blocks = self.model.towers()[self.tower].blocks
+        kv = {name: _to(self.target_cache[name][:, :cut], blocks[names.layer_of(name)])  # [B, cut, ...] each
+              for name in self.model.prefix_hook_names(self.tower, first)}
+        prefix = self.model.prefix_cache(self.tower, kv, cut, start_layer=first)
         return prefix if n == 1 else prefix.select(torch.arange(self.B).repeat(n))
 
     def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
@@ -283,10 +307,11 @@ class _Runs:
         the target run's at every layer, so the resumed runs compute only the positions from `cut` on, with the
         target's keys and values for the rest, and take the target's logits there."""
         B = self.B
+        _check_batch_size(batch_size)
         if normalize:  # before any cell runs: an example whose clean and corrupted metrics are equal has no scale
             metrics_.check_normalizable(self.m_clean, self.m_corrupt)
         cut = cut if self.prefix_resumable and self.resumable and self.cut_allowed else 0
-        per_chunk = max(1, batch_size // B)  # variants per forward
+        per_chunk = max(1, batch_size // B)  # variants per forward (B rows each: one variant when batch_size < B)
         out = torch.full((self.n_layers, n_variants, B), float("nan"))
         layers = [layer for layer in range(self.n_layers)
                   if cell_hooks(layer) and all(name in self.source.keys() for name in cell_hooks(layer))]
@@ -297,46 +322,55 @@ class _Runs:
             cells = [(layer, v) for layer in layers for v in range(n_variants)]
             chunks = [cells[i:i + per_chunk] for i in range(0, len(cells), per_chunk)]
         bar = _progress(len(chunks), progress and len(chunks) > 8, f"patching {self.tower}")
-        offset = cut if self.resumable else 0
         for chunk in chunks:
-            n = len(chunk)
-            variant = torch.tensor([v for _, v in chunk]).repeat_interleave(B)  # rows are cell-major
-            example = torch.arange(B).repeat(n)
-            hooked = {name: [k for k, (layer, _) in enumerate(chunk) if name in cell_hooks(layer)]
-                      for layer in dict.fromkeys(layer for layer, _ in chunk) for name in cell_hooks(layer)}
-            forwards = [1 + layer * n_variants + v for layer, v in chunk]
-            corrupting = self.target_hooks(forwards) if self.target_hooks is not None else []
-            fwd_hooks = [*corrupting, *((name, self._patch_rows(patch, blocks, n, variant, example, offset))
-                                        for name, blocks in hooked.items())]
-            inputs = {k: _repeat(v, n) for k, v in self.target.items()}
-            if self.resumable:
-                first = min(names.layer_of(name) for name in hooked)
-                given = {k: _repeat(v, n) for k, v in self.given.items()}
-                resid = _repeat(self.target_cache[names.resid(self.tower, first, "pre")][:, cut:], n)
-                with torch.no_grad(), self.model.resume(self.tower, first, resid, given, self._prefix(first, cut, n)):
-                    logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
-            else:
-                with torch.no_grad():
-                    logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
-            if cut:  # the prefix's logits are the target run's
-                logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
-            values = metrics_.evaluate(self.metric, logits, example.to(logits.device), "a patched run").float()
-            values = values.view(n, B)
-            if not torch.isfinite(values).all():  # reported, not averaged into a NaN with no word
-                where = (f"at layer {chunk[0][0]} of {self.tower!r} (variants {chunk[0][1]}..{chunk[-1][1]})"
-                         if chunk[0][0] == chunk[-1][0] else
-                         f"at layers {chunk[0][0]}..{chunk[-1][0]} of {self.tower!r} (cells {chunk[0]}..{chunk[-1]})")
-                bad = int((~torch.isfinite(values)).sum())
-                warnings.warn(f"the metric is non-finite in {bad} patched runs {where}; those cells hold it: check "
-                              "the model's dtype (float16 overflows; try float32)", RuntimeWarning, stacklevel=4)
-            if normalize:
-                values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
-            values = values.cpu()
+            values = self._run_chunk(chunk, cell_hooks, n_variants, patch, normalize, cut)
             for k, (layer, v) in enumerate(chunk):
                 out[layer, v] = values[k]
             bar.update(1)
         bar.close()
         return out if per_example else out.mean(dim=2)
+
+    def _run_chunk(self, chunk: list[tuple[int, int]], cell_hooks: Callable[[int], list[str]], n_variants: int,
+                   patch: Patch, normalize: bool, cut: int) -> Float[Tensor, "n B"]:
+        """One forward: the cells `chunk` ((layer, variant) pairs) stacked cell-major, B rows each; the metric of
+        each row (normalised if asked), on the CPU."""
+        n, B = len(chunk), self.B
+        variant = torch.tensor([v for _, v in chunk]).repeat_interleave(B)  # rows are cell-major
+        example = torch.arange(B).repeat(n)
+        hooked = {name: [k for k, (layer, _) in enumerate(chunk) if name in cell_hooks(layer)]
+                  for layer in dict.fromkeys(layer for layer, _ in chunk) for name in cell_hooks(layer)}
+        forwards = [1 + layer * n_variants + v for layer, v in chunk]
+        corrupting = self.target_hooks(forwards) if self.target_hooks is not None else []
+        offset = cut if self.resumable else 0
+        fwd_hooks = [*corrupting, *((name, self._patch_rows(patch, blocks, n, variant, example, offset))
+                                    for name, blocks in hooked.items())]
+        inputs = {k: _repeat(v, n) for k, v in self.target.items()}
+        if self.resumable:
+            first = min(names.layer_of(name) for name in hooked)
+            towers = self.model.towers()
+            # what the resumed run reads, brought from the cache to where its blocks run
+            given = {k: _repeat(_to(v, towers[k], last=True), n) for k, v in self.given.items()}
+            resid = self.target_cache[names.resid(self.tower, first, "pre")][:, cut:]  # [B, T - cut, D]
+            resid = _repeat(_to(resid, towers[self.tower].blocks[first]), n)
+            with torch.no_grad(), self.model.resume(self.tower, first, resid, given, self._prefix(first, cut, n)):
+                logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
+        else:
+            with torch.no_grad():
+                logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
+        if cut:  # the prefix's logits are the target run's
+            logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
+        values = metrics_.evaluate(self.metric, logits, example.to(logits.device), "a patched run").float()
+        values = values.view(n, B)
+        if not torch.isfinite(values).all():  # reported, not averaged into a NaN with no word
+            where = (f"at layer {chunk[0][0]} of {self.tower!r} (variants {chunk[0][1]}..{chunk[-1][1]})"
+                     if chunk[0][0] == chunk[-1][0] else
+                     f"at layers {chunk[0][0]}..{chunk[-1][0]} of {self.tower!r} (cells {chunk[0]}..{chunk[-1]})")
+            bad = int((~torch.isfinite(values)).sum())
+            warnings.warn(f"the metric is non-finite in {bad} patched runs {where}; those cells hold it: check "
+                          "the model's dtype (float16 overflows; try float32)", RuntimeWarning, stacklevel=5)
+        if normalize:
+            values = metrics_.normalized(values, self.m_clean.float(), self.m_corrupt.float())
+        return values.cpu()
 
     def _patch_rows(self, patch: Patch, blocks: list[int], n: int, variant: Tensor, example: Tensor,
                     offset: int) -> Callable[[Tensor, Any], Tensor]:
@@ -353,6 +387,37 @@ class _Runs:
             return act
 
         return hook
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: pass the most rows per forward (variants x examples), an int "
+                         ">= 1")
+
+
+def _check_cache_device(device: Any) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"cache_device={device!r} is not a device; pass None (where the model runs) or "
+                         "'cpu'") from None
+
+
+def _offload_outputs(cache: Any, device: torch.device | None) -> None:
+    """Move the towers' outputs a cache recorded (`tower_outputs=True`) to `device` (None: leave them)."""
+    if device is not None:
+        cache.tower_outputs = {k: v.to(device) for k, v in cache.tower_outputs.items()}
+
+
+def _to(t: Tensor, module: torch.nn.Module, last: bool = False) -> Tensor:
+    """`t` on the device of `module`'s first parameter (its last with `last`: where a tower's output is produced),
+    where the default sweep has it; a no-op where it already is, and for weights offloaded to disk (on the meta
+    device), whose blocks' accelerate hooks bring their inputs to where they run."""
+    params = list(module.parameters()) if last else [next(module.parameters())]
+    device = params[-1].device
+    return t if device.type == "meta" else t.to(device)
 
 
 def _check_corrupt(model: HookedVLM, clean: Mapping[str, Any], corrupt: Any) -> None:
@@ -400,9 +465,10 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int | None, enabled: bool, desc: str):
+    """A progress bar (None: no total, as over a generator), or one that shows nothing."""
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # not loaded by `import hooked_vlm`
 
     return tqdm(total=total, desc=desc, leave=False)

@@ -3,8 +3,10 @@ aligned by role: `SweepResults`, `AlignedResults`)."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,81 +18,202 @@ from ..arguments import keyword_names, reject_unknown
 from ..corruption.noise import Corruption
 from ..models.base import HookedVLM
 from ..positions import Positions
+from ..result_store import ResultStore, StoredExample, example_key, positions_on_cpu
 from .engine import _progress
 from .groups import _tower_positions
 from .sweeps import (_trace_corruption, attribution_patch_heads, attribution_patch_resid, causal_trace, patch_heads,
                      patch_resid)
 
 
-def sweep_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Sequence[Sequence[Any]], *,
-                  distributed: bool = False, progress: bool = True, **kwargs: Any) -> Tensor | None:
+# `examples` is typed Iterable[Any], not Iterable[Sequence[Any]]: a runtime type checker would index a lazy data set
+# to check one item, building an example the sweep may never need.
+def sweep_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Iterable[Any], *,
+                  out: str | os.PathLike | None = None, distributed: bool = False, progress: bool = True,
+                  **kwargs: Any) -> Tensor | None:
     """`sweep(model, *example, **kwargs)` for each example of a data set, stacked: [n_examples, ...]. Any sweep
     here that returns a tensor works: `examples` holds its positional arguments after the model, e.g. (clean,
     corrupt, metric) for `patch_heads` and `patch_resid`, (inputs, target) for `causal_trace`, (inputs, metric) for
-    `ablation_sweep`.
+    `ablation_sweep`. `examples` is any iterable: a list, a generator that builds each example's inputs when asked
+    for it, or a sequence whose items are built on indexing (then the examples a resumed run skips are never built).
+
+    `out=folder` writes each example's result, with its id, tokens and answer, to a `ResultStore` as it finishes;
+    a rerun with the same `out` (and the same sweep, settings and model; otherwise an error) takes the examples
+    found there, matched by id (here its index), and sweeps the rest: a killed run resumes, with the result of an
+    uninterrupted one. `sweep_results` and `SweepResults.load(out)` read the store with its metadata.
 
     `distributed=True` shards the examples across the processes of the torch.distributed group (torchrun; see
-    `hooked_vlm.distributed`) and gathers the results on rank 0, which returns them (the other ranks return None).
+    `hooked_vlm.distributed`) and gathers the results on rank 0, which returns them (the other ranks return None);
+    with `out`, each process writes its own examples (`out` must be on a file system every process sees).
     Each example is swept alone, so the results equal a single process's. Results of different shapes (sweeps
     over every position of prompts of different lengths) are padded with NaN at the end of each dimension, so
     position i is not the same role in every example: `sweep_results` keeps them per example and aligns them.
     """
-    results = _run_dataset(sweep, model, examples, distributed, progress, kwargs, "sweep_dataset")
-    return None if results is None else _stack_padded(results)
+    records = _run_dataset(sweep, model, examples, None, None, out, distributed, progress, kwargs, "sweep_dataset",
+                           meta=out is not None)
+    return None if records is None else _stack_padded([r.value for r in records])
 
 
-def sweep_results(sweep: Callable[..., Tensor], model: HookedVLM, examples: Sequence[Sequence[Any]], *,
-                  ids: Sequence[Any] | None = None, answers: Sequence[Any] | None = None, distributed: bool = False,
-                  progress: bool = True, **kwargs: Any) -> "SweepResults | None":
+def sweep_results(sweep: Callable[..., Tensor], model: HookedVLM, examples: Iterable[Any], *,
+                  ids: Sequence[str | int] | None = None, answers: Sequence[Any] | None = None,
+                  out: str | os.PathLike | None = None, distributed: bool = False, progress: bool = True,
+                  **kwargs: Any) -> "SweepResults | None":
     """`sweep_dataset`'s sweeps, kept per example with what identifies them: a `SweepResults` holding each
     example's values, its id (`ids`, default its index), answer (`answers`), tokens and positions (from
     `model.positions` of its first argument, the inputs), the corruption's description and the sweep's settings.
     `.aligned("last")` lines the examples up on a role; `.mean(anchor)` averages them there; `.stacked()` is
-    `sweep_dataset`'s padded tensor. With `distributed=True`, rank 0 returns the results, the other ranks None."""
-    for what, given in (("ids", ids), ("answers", answers)):
-        if given is not None and len(given) != len(examples):
-            raise ValueError(f"{what} has {len(given)} entries for {len(examples)} examples: give one per example")
-    values = _run_dataset(sweep, model, examples, distributed, progress, kwargs, "sweep_results")
-    if values is None:
+    `sweep_dataset`'s padded tensor. `out` and `distributed` as in `sweep_dataset`; with `out`, a resumed run
+    matches the examples by their `ids`, and the values and positions are returned on the CPU, as stored. With
+    `distributed=True`, rank 0 returns the results, the other ranks None."""
+    records = _run_dataset(sweep, model, examples, ids, answers, out, distributed, progress, kwargs, "sweep_results",
+                           meta=True)
+    if records is None:
         return None
-    out = SweepResults(sweep=getattr(sweep, "__name__", "sweep"),
-                       settings={k: _plain_setting(v) for k, v in kwargs.items()})
-    for i, (example, value) in enumerate(zip(examples, values)):
-        meta = _example_meta(sweep, model, example, kwargs, value)
-        out.values.append(value)
-        out.ids.append(i if ids is None else ids[i])
-        out.answers.append(None if answers is None else answers[i])
-        out.tokens.append(meta["tokens"])
-        out.positions.append(meta["positions"])
-        out.cell_positions.append(meta["cell_positions"])
-        out.corruption.append(meta["corruption"])
-    return out
+    results = SweepResults(sweep=_label(sweep), settings={k: _plain_setting(v) for k, v in kwargs.items()})
+    results._extend(records)
+    return results
 
 
-def _run_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Sequence[Sequence[Any]],
-                 distributed: bool, progress: bool, kwargs: dict[str, Any], where: str) -> list[Tensor] | None:
-    label = getattr(sweep, "__name__", "sweep")
+# keyword arguments that change how a sweep fits in memory, not its result: a resumed run may change them
+MEMORY_ONLY = ("batch_size", "cache_device")
+
+
+def _label(sweep: Callable[..., Tensor]) -> str:
+    return getattr(sweep, "__name__", "sweep")
+
+
+def _run_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Iterable[Any],
+                 ids: Sequence[str | int] | None, answers: Sequence[Any] | None, out: str | os.PathLike | None,
+                 distributed: bool, progress: bool, kwargs: dict[str, Any], where: str,
+                 meta: bool) -> list[StoredExample] | None:
+    """Each example's record, in order (None on ranks other than 0); `meta`: with its tokens and positions."""
+    label = _label(sweep)
     accepted = set(keyword_names(sweep)) - {"model", "progress"}
     reject_unknown(kwargs, accepted, f"{where}({label})")
-    if not len(examples):
-        raise ValueError(f"{where} got no examples: pass a non-empty sequence of argument tuples, e.g. "
-                         "[(clean, corrupt, metric), ...]")
-    for i, example in enumerate(examples):
-        if not isinstance(example, (tuple, list)):
-            raise TypeError(f"example {i} is a {type(example).__name__}: each example must be a tuple of the sweep's "
-                            "positional arguments after the model, e.g. (clean, corrupt, metric)")
-    bar = _progress(len(distributed_.shard(len(examples))) if distributed else len(examples), progress,
-                    f"{label} over {len(examples)} examples")
+    n = _check_examples(examples, ids, answers, where)
+    if distributed:
+        distributed_.require_group()
+    store = None
+    if out is not None:
+        settings = {k: _plain_setting(v) for k, v in kwargs.items() if k not in MEMORY_ONLY}
+        store = ResultStore(out, {"sweep": label, "settings": settings, "model": model_fingerprint(model)})
+    total = None if n is None else len(distributed_.shard(n)) if distributed else n
+    bar = _progress(total, progress, label if n is None else f"{label} over {n} examples")
 
-    def one(example: Sequence[Any]) -> Tensor:
-        out = sweep(model, *example, progress=False, **kwargs)
+    def one(item: tuple[int, Callable[[], Sequence[Any]]]) -> StoredExample:
+        i, fetch = item
+        key = i if ids is None else _at(ids, i, "ids")
+        if store is not None and key in store:  # done by an earlier run
+            bar.update(1)
+            return store.get(key)
+        example = fetch()
+        if not isinstance(example, (tuple, list)):
+            raise TypeError(_not_a_tuple(i, example))
+        value = sweep(model, *example, progress=False, **kwargs)
+        found = _example_meta(sweep, model, example, kwargs, value) if meta else {}
+        record = StoredExample(key, i, value, None if answers is None else _at(answers, i, "answers"), **found)
+        if store is not None:
+            store.put(record)
+            record = store.get(key)  # what a resumed run reads back: on the CPU, the same in every run
+        elif distributed:
+            record.value, record.positions = record.value.cpu(), positions_on_cpu(record.positions)
         bar.update(1)
-        return out
+        return record
 
     try:
-        return distributed_.map_dataset(one, examples, distributed=distributed)
+        records = distributed_.map_dataset(one, _indexed(examples), distributed=distributed)
     finally:
         bar.close()
+    if records is not None:
+        _check_count(len(records), ids, answers, where)
+    return records
+
+
+def _check_examples(examples: Iterable[Any], ids: Sequence[Any] | None, answers: Sequence[Any] | None,
+                    where: str) -> int | None:
+    """The number of examples, if known up front; every check that needs no example built."""
+    if isinstance(examples, (str, bytes, Mapping)) or not (isinstance(examples, Iterable) or _indexable(examples)):
+        raise TypeError(f"{where} takes the examples as an iterable of argument tuples, e.g. [(clean, corrupt, "
+                        f"metric), ...]; got a {type(examples).__name__}")
+    if ids is not None:
+        seen: set[str] = set()
+        for given in ids:
+            key = example_key(given)  # a str or an int
+            if key in seen:
+                raise ValueError(f"ids holds {given!r} twice: give each example its own id")
+            seen.add(key)
+    n = len(examples) if isinstance(examples, Sized) else None
+    if n == 0:
+        raise ValueError(f"{where} got no examples: pass a non-empty sequence of argument tuples, e.g. "
+                         "[(clean, corrupt, metric), ...]")
+    if n is not None:
+        for what, given in (("ids", ids), ("answers", answers)):
+            if given is not None and len(given) != n:
+                raise ValueError(f"{what} has {len(given)} entries for {n} examples: give one per example")
+    if isinstance(examples, (list, tuple)):  # materialised: check them all before any work
+        for i, example in enumerate(examples):
+            if not isinstance(example, (tuple, list)):
+                raise TypeError(_not_a_tuple(i, example))
+    return n
+
+
+def _check_count(n: int, ids: Sequence[Any] | None, answers: Sequence[Any] | None, where: str) -> None:
+    if n == 0:
+        raise ValueError(f"{where} got no examples: the iterable was empty")
+    for what, given in (("ids", ids), ("answers", answers)):
+        if given is not None and len(given) != n:
+            raise ValueError(f"{what} has {len(given)} entries for {n} examples: give one per example")
+
+
+def _at(given: Sequence[Any], i: int, what: str) -> Any:
+    if i >= len(given):
+        raise ValueError(f"{what} has {len(given)} entries but the examples go on: give one per example")
+    return given[i]
+
+
+def _not_a_tuple(i: int, example: Any) -> str:
+    return (f"example {i} is a {type(example).__name__}: each example must be a tuple of the sweep's positional "
+            "arguments after the model, e.g. (clean, corrupt, metric)")
+
+
+class _Indexed(Sequence):
+    """(index, fetch) per item of a sequence: an item is built (indexed) only when a sweep needs it."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, Callable[[], Any]]:  # type: ignore[override]
+        if not 0 <= i < len(self.items):
+            raise IndexError(i)
+        return i, lambda: self.items[i]
+
+
+def _indexable(examples: Any) -> bool:
+    """A sequence, or anything with a length and items by index (a torch map-style Dataset)."""
+    return isinstance(examples, Sequence) or (hasattr(type(examples), "__getitem__") and isinstance(examples, Sized)
+                                              and not isinstance(examples, Mapping))
+
+
+def _indexed(examples: Iterable[Any]) -> Iterable[tuple[int, Callable[[], Any]]]:
+    if _indexable(examples):
+        return _Indexed(examples)
+    return ((i, lambda e=e: e) for i, e in enumerate(examples))
+
+
+def model_fingerprint(model: HookedVLM) -> dict[str, str]:
+    """What tells one model's results from another's, cheaply: its class, and a hash of every tensor's name,
+    dtype, shape and 8 of its values (another checkpoint, dtype or architecture gives another hash)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.is_meta:  # offloaded by a device map: its shape is all there is to read here
+            continue
+        flat = t.detach().reshape(-1)
+        some = flat[torch.linspace(0, flat.numel() - 1, min(8, flat.numel()), device=flat.device).long()]
+        digest.update(some.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return {"class": type(model).__name__, "tensors": digest.hexdigest()[:32]}
 
 
 def _stack_padded(results: list[Tensor]) -> Tensor:
@@ -149,6 +272,25 @@ class SweepResults:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> "SweepResults":
+        """The results a run of `sweep_results` or `sweep_dataset` with `out=` wrote so far (a finished run's or a
+        killed one's), in the data set's order, without the model."""
+        store = ResultStore(out)
+        results = cls(sweep=store.header["sweep"], settings=store.header["settings"])
+        results._extend(store.entries())
+        return results
+
+    def _extend(self, records: Iterable[StoredExample]) -> None:
+        for r in records:
+            self.values.append(r.value)
+            self.ids.append(r.id)
+            self.answers.append(r.answer)
+            self.tokens.append(r.tokens)
+            self.positions.append(r.positions)
+            self.cell_positions.append(r.cell_positions)
+            self.corruption.append(r.corruption)
 
     def stacked(self) -> Tensor:
         """The values stacked, padded with NaN at the end of each dimension (`sweep_dataset`'s result)."""
@@ -305,7 +447,10 @@ def _plain_setting(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, Tensor):
-        return value.tolist() if value.numel() <= 64 else f"tensor of shape {tuple(value.shape)}"
+        if value.numel() <= 64:
+            return value.tolist()
+        data = value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()  # settings tell tensors apart
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}, sha256 {hashlib.sha256(data).hexdigest()[:16]}"
     if isinstance(value, Mapping):
         return {str(k): _plain_setting(v) for k, v in value.items()}
     if isinstance(value, Sequence):

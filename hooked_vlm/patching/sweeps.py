@@ -18,7 +18,8 @@ from ..arguments import strict
 from ..corruption.noise import Corruption
 from ..hooks import HookSpec
 from ..models.base import HookedVLM
-from .engine import Corrupt, Direction, _batch_size, _Bound, _check_corrupt, _check_inputs, _Runs, _Setup, _site_hook
+from .engine import (Corrupt, Direction, _batch_size, _Bound, _check_batch_size, _check_cache_device, _check_corrupt,
+                     _check_inputs, _Runs, _Setup, _site_hook)
 from .groups import _by_head, _Cells, _make_cells, _tower_positions
 
 STREAM_HOOKS = ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out", "cross_attn_out", "mlp_out")
@@ -37,7 +38,8 @@ def _public(fn: Callable[..., Any]) -> Callable[..., Any]:
 def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric, *,
                 tower: str, hook: str = "resid_pre", positions: Sequence[int] | Tensor | None = None,
                 groups: Any = None, direction: Direction = "denoise", normalize: bool = False, samples: int = 1,
-                batch_size: int = 64, progress: bool = True) -> Float[Tensor, "n_layers n_cells"]:
+                batch_size: int = 64, progress: bool = True, cache_device: torch.device | str | None = None
+                ) -> Float[Tensor, "n_layers n_cells"]:
     """For each layer of `tower` and each position (or group of positions), the metric with that activation of
     hook `hook` (any per-block stream or sub-layer output: resid_pre, resid_mid, resid_mid_cross, resid_post,
     attn_out, cross_attn_out, mlp_out) patched from the other run.
@@ -49,12 +51,17 @@ def patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, me
     cols)`, a list of positions, one list per example, ...); a Mapping names them. `samples`: draws of a random
     corruption, averaged. Layers where the hook does not exist (a cross-attention hook on a layer without
     cross-attention) are NaN.
+
+    `batch_size`: the most rows per forward (cells x examples; below the number of examples, the examples are split
+    too). `cache_device`: where the clean and corrupted runs' cached activations stay (None: where the model runs;
+    "cpu": off the accelerator, each layer's brought over while its cells run); the results are the same.
     """
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
+    _check_batch_size(batch_size)
     leaf = names.leaf(hook)
     _require_leaf(model, tower, leaf)
-    setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, samples)
+    setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, samples, cache_device)
 
     def one(run: _Runs) -> Tensor:
         cells = run.cells(positions, groups, leaf)
@@ -71,11 +78,13 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, me
                 activation: Literal["z", "q", "k", "v", "pattern"] = "z",
                 positions: Sequence[int] | Tensor | None = None, groups: Any = None, by_position: bool = False,
                 direction: Direction = "denoise", normalize: bool = False, samples: int = 1, batch_size: int = 64,
-                progress: bool = True) -> Float[Tensor, "n_layers n_heads *n_cells"]:
+                progress: bool = True, cache_device: torch.device | str | None = None
+                ) -> Float[Tensor, "n_layers n_heads *n_cells"]:
     """For each layer and head of `tower`'s self- (`attention="attn"`) or cross-attention, the metric with that
     head's `activation` patched from the other run: at `positions` (None: all) together ([n_layers, n_heads]); with
     `by_position=True`, one position at a time ([n_layers, n_heads, n_positions]); with `groups`, one group of
-    positions at a time ([n_layers, n_heads, n_groups]). `corrupt` and `samples` as in `patch_resid`.
+    positions at a time ([n_layers, n_heads, n_groups]). `corrupt`, `samples`, `batch_size` and `cache_device` as
+    in `patch_resid`.
 
     Positions index the queries (z, q, pattern) or the keys (k, v). k and v have one head per key/value head.
     Layers without that attention (the Q-Former's layers without cross-attention) are NaN.
@@ -84,9 +93,10 @@ def patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, me
         raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
     if by_position and groups is not None:
         raise ValueError("pass by_position=True (one position per cell) or groups (one group per cell), not both")
+    _check_batch_size(batch_size)
     leaf = head_leaf(model, tower, attention, activation)
     pattern = activation == "pattern"
-    setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, samples)
+    setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, samples, cache_device)
 
     def one(run: _Runs) -> Tensor:
         n_heads = _by_head(run.source_act(leaf), pattern).shape[2]
@@ -111,7 +121,8 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
                  kind: Literal["resid", "resid_mid", "resid_mid_cross", "attn", "mlp", "cross_attn"] = "resid",
                  window: int = 1, samples: int = 1, seed: int | None = None, position: metrics_.Position = -1,
                  positions: Sequence[int] | Tensor | None = None, groups: Any = None, normalize: bool = False,
-                 batch_size: int = 64, progress: bool = True) -> Float[Tensor, "n_layers n_cells"]:
+                 batch_size: int = 64, progress: bool = True, cache_device: torch.device | str | None = None
+                 ) -> Float[Tensor, "n_layers n_cells"]:
     """ROME-style causal tracing adapted to VLMs (Meng et al. 2022; Palit et al. 2023 for BLIP).
 
     The corrupted run is `inputs` corrupted by `corrupt`: a `Corruption` (`corruption.gaussian(3.0)`,
@@ -126,11 +137,13 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
     `.attention` / `.crossattention` modules return - or the attention, MLP or cross-attention output. `samples`
     draws of a random corruption are averaged (sample s seeds as `Corruption.seed_of` says). `normalize=True`
     reports (p - p_corrupt) / (p_clean - p_corrupt), per sample. Layers where `kind` does not exist are NaN.
+    `batch_size` and `cache_device` as in `patch_resid`.
     """
     if kind not in TRACE_KINDS:
         raise ValueError(f"kind must be one of {', '.join(TRACE_KINDS)}, got {kind!r}")
     if window < 1 or samples < 1:
         raise ValueError(f"window and samples must be >= 1, got window={window}, samples={samples}")
+    _check_batch_size(batch_size)
     corrupt = _trace_corruption(corrupt, noise, seed, normalize)
     _check_inputs(model, inputs, inputs)
     leaf = TRACE_KINDS[kind]
@@ -142,7 +155,7 @@ def causal_trace(model: HookedVLM, inputs: Mapping[str, Any], target: metrics_.T
         span = range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
         return [name for name in (names.block(tower, i, leaf) for i in span) if name in model.hook_dict]
 
-    setup = _Setup(model, inputs, corrupt, metric, tower, [leaf], "denoise", samples)
+    setup = _Setup(model, inputs, corrupt, metric, tower, [leaf], "denoise", samples, cache_device)
 
     def one(run: _Runs) -> Tensor:
         cells = run.cells(positions, groups, leaf)
@@ -178,16 +191,19 @@ def _trace_corruption(corrupt: Any, noise: float | None, seed: int | None, norma
 def attribution_patch_resid(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt,
                             metric: metrics_.Metric, *, tower: str, hook: str = "resid_pre",
                             positions: Sequence[int] | Tensor | None = None, groups: Any = None,
-                            direction: Direction = "denoise", normalize: bool = False
-                            ) -> Float[Tensor, "n_layers n_cells"]:
+                            direction: Direction = "denoise", normalize: bool = False,
+                            cache_device: torch.device | str | None = None) -> Float[Tensor, "n_layers n_cells"]:
     """`patch_resid`'s first-order approximation (attribution patching, Nanda 2023): metric(target) +
     (source - target) . d metric / d activation, from one source forward, one target forward and one backward. A
-    group's effect is the sum of its positions'. A random `Corruption` uses the draw of sample 0, forward 0."""
+    group's effect is the sum of its positions'. A random `Corruption` uses the draw of sample 0, forward 0.
+    `cache_device="cpu"` keeps the source run's activations off the accelerator (the target's and their gradients
+    stay where the model runs: the backward pass needs them)."""
     if hook not in STREAM_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(STREAM_HOOKS)}, got {hook!r}")
     leaf = names.leaf(hook)
     _require_leaf(model, tower, leaf)
-    attr = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, groups, pos_dim=1)
+    attr = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, groups, pos_dim=1,
+                      cache_device=cache_device)
     cells = {}
     for layer, (d, g) in attr.items():  # per layer [B, T, D] -> the effect of patching each cell: [B, V]
         cells[layer] = attr.cells.gather_sum((d * g).sum(-1))
@@ -200,9 +216,11 @@ def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt:
                             metric: metrics_.Metric, *, tower: str, attention: Literal["attn", "cross_attn"] = "attn",
                             activation: Literal["z", "q", "k", "v", "pattern"] = "z",
                             positions: Sequence[int] | Tensor | None = None, groups: Any = None,
-                            by_position: bool = False, direction: Direction = "denoise", normalize: bool = False
+                            by_position: bool = False, direction: Direction = "denoise", normalize: bool = False,
+                            cache_device: torch.device | str | None = None
                             ) -> Float[Tensor, "n_layers n_heads *n_cells"]:
-    """`patch_heads`'s first-order approximation (attribution patching), with the same arguments and result."""
+    """`patch_heads`'s first-order approximation (attribution patching), with the same arguments and result;
+    `cache_device` as in `attribution_patch_resid`."""
     if activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(HEAD_ACTIVATIONS)}, got {activation!r}")
     if by_position and groups is not None:
@@ -210,7 +228,7 @@ def attribution_patch_heads(model: HookedVLM, clean: Mapping[str, Any], corrupt:
     leaf = head_leaf(model, tower, attention, activation)
     pattern = activation == "pattern"
     attr = _attribute(model, clean, corrupt, metric, tower, leaf, direction, positions, groups,
-                      pos_dim=2 if pattern else 1)
+                      pos_dim=2 if pattern else 1, cache_device=cache_device)
     split = by_position or groups is not None
     if not split:
         attr.cells = attr.cells.joined()
@@ -237,13 +255,14 @@ class _Attribution(dict):
 
 def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric,
                tower: str, leaf: str, direction: Direction, positions: Sequence[int] | Tensor | None, groups: Any,
-               pos_dim: int) -> _Attribution:
+               pos_dim: int, cache_device: torch.device | str | None = None) -> _Attribution:
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     _check_corrupt(model, clean, corrupt)
     if not callable(metric):
         raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
                         "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
+    cache_device = _check_cache_device(cache_device)
     hooked = [n for n in model.hook_dict if names.in_blocks(tower, leaf)(n)]
     if not hooked:
         raise ValueError(f"tower {tower!r} has no hook ending in {leaf!r}")
@@ -251,18 +270,20 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, met
     with torch.no_grad():
         if isinstance(corrupt, Corruption):  # the clean run (and what the corruption reads), then the corrupted one
             site = _site_hook(model, corrupt, tower)
-            clean_run = model.run_with_cache(**clean, names_filter=lambda n: n in hooked or n == site)
-            corrupted = _Bound(model, corrupt, tower, site, clean_run[1]).hooks(0, [0])
+            clean_run = model.run_with_cache(**clean, names_filter=lambda n: n in hooked or n == site,
+                                             device=cache_device)
+            corrupted = _Bound(model, corrupt, tower, site, clean_run[1], cache_device is not None).hooks(0, [0])
             target = clean
             if direction == "denoise":
                 source_logits, source_cache = clean_run
                 target_hooks = corrupted
             else:
                 with model.hooks(corrupted):
-                    source_logits, source_cache = model.run_with_cache(**clean, names_filter=hooked)
+                    source_logits, source_cache = model.run_with_cache(**clean, names_filter=hooked,
+                                                                       device=cache_device)
         else:
             target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-            source_logits, source_cache = model.run_with_cache(**source, names_filter=hooked)
+            source_logits, source_cache = model.run_with_cache(**source, names_filter=hooked, device=cache_device)
     acts: dict[str, Tensor] = {}
 
     def keep(t: Tensor, hook: Any) -> Tensor:
@@ -290,7 +311,8 @@ def _attribute(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, met
         grads = torch.autograd.grad(m_target.sum(), [acts[n] for n in hooked], allow_unused=True)
     result = _Attribution()
     for name, grad in zip(hooked, grads):
-        diff = source_cache[name] - acts[name].detach()
+        act = acts[name].detach()
+        diff = source_cache[name].to(act.device) - act
         result[names.layer_of(name)] = (diff.float(), torch.zeros_like(diff, dtype=torch.float) if grad is None
                                            else grad.float())
     result.n_layers = model.tower_info(tower).n_layers
@@ -319,19 +341,22 @@ def _finish_attribution(cells: dict[int, Tensor], m_target: Tensor, attr: _Attri
 def ablation_sweep(model: HookedVLM, inputs: Mapping[str, Any], metric: metrics_.Metric, *, tower: str,
                    attention: Literal["attn", "cross_attn"] = "attn",
                    mode: Literal["zero", "mean_of_others"] = "mean_of_others", batch_size: int = 64,
-                   progress: bool = True) -> Float[Tensor, "n_layers n_heads B"]:
+                   progress: bool = True, cache_device: torch.device | str | None = None
+                   ) -> Float[Tensor, "n_layers n_heads B"]:
     """For each head of `tower`'s self- or cross-attention, the metric of each example with that head's values
     (`hook_z`, every position) replaced by zero or by the mean of the other heads of its layer (V-SEAM's "mean").
     Per example, so callers can split examples (as `analysis.head_scores` does). The heads of a layer run stacked
-    along the batch, resumed at that layer, as in the patching sweeps."""
+    along the batch, resumed at that layer, as in the patching sweeps; `batch_size` and `cache_device` as in
+    `patch_resid`."""
     if mode not in ("zero", "mean_of_others"):
         raise ValueError(f"mode must be 'zero' or 'mean_of_others', got {mode!r}")
+    _check_batch_size(batch_size)
     _check_inputs(model, inputs, inputs)
     leaf = head_leaf(model, tower, attention, "z")
     if mode == "mean_of_others" and model.tower_info(tower).n_heads < 2:
         raise ValueError(f"mode='mean_of_others' needs at least two heads per layer; tower {tower!r} has one: use "
                          "mode='zero'")
-    run = _Runs(model, inputs, None, metric, tower, [leaf], clean_is_source=True)
+    run = _Runs(model, inputs, None, metric, tower, [leaf], clean_is_source=True, cache_device=cache_device)
     n_heads = run.source_act(leaf).shape[2]
 
     def ablate(act: Tensor, source: Tensor, variant: Tensor, example: Tensor, offset: int) -> Tensor:
