@@ -233,7 +233,7 @@ def _top(scores: Tensor, k: int) -> list[tuple[int, int]]:
 def head_scores(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch],
                 answer: metrics.AnswerIds | None = None, *, tower: str = "lm", attention: str = "attn",
                 position: metrics.Position | str = -1, policy: str = "first", batch_size: int = 64,
-                progress: bool = True) -> HeadScores:
+                progress: bool = True, cache_device: torch.device | str | None = None) -> HeadScores:
     """Score every head by replacing its values with the mean of the other heads of its layer, at every position
     (V-SEAM's head contributions, `Attention_Head_Analysis.py`): the drop P_base - P_ablated of the answer at
     `position`, split by whether the unablated model answers correctly.
@@ -244,6 +244,7 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch],
     list of sub-token ids per example (`metrics.answer_tokens`); an example is correct when the top token at
     `position` is any of its answer's sub-tokens, and P follows `policy` (`metrics.answer_prob`; V-SEAM: "first").
     `position`: an int, one per example, or "last" (each example's last real token; for right-padded batches).
+    `batch_size` and `cache_device` bound the memory of each batch's ablation sweep (`patching.ablation_sweep`).
     Fit on one split and evaluate the resulting interventions (`rescaling_hooks`) on another.
     """
     if policy not in metrics.ANSWER_POLICIES:
@@ -255,7 +256,8 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch],
     for run in unablated_runs(model, inputs, answer, position, policy, "head_scores"):
         ok = run.correct
         ablated = patching.ablation_sweep(model, run.inputs, run.metric, tower=tower, attention=attention,
-                                          mode="mean_of_others", batch_size=batch_size, progress=progress)  # [L, H, B]
+                                          mode="mean_of_others", batch_size=batch_size, progress=progress,
+                                          cache_device=cache_device)  # [L, H, B]
         drop = run.prob - ablated.double()
         sums = (drop.clamp(min=0)[..., ok].sum(-1), (-drop).clamp(min=0)[..., ~ok].sum(-1), drop.sum(-1))
         positive, negative, delta = sums if positive is None else (positive + sums[0], negative + sums[1],

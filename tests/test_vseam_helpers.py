@@ -176,6 +176,12 @@ def test_head_scores_streamed_equal_one_batch(llava):
                                  position="last", progress=False)
     assert torch.equal(right.correct, one.correct)
     torch.testing.assert_close(right.positive, one.positive, atol=1e-6, rtol=1e-4)
+    # the ablation sweeps' cached runs kept on the CPU, two heads per forward: the same scores exactly
+    bounded = analysis.head_scores(model, iter(chunks), progress=False, cache_device="cpu", batch_size=2)
+    for field in ("positive", "negative", "delta", "correct"):
+        assert torch.equal(getattr(bounded, field), getattr(streamed, field)), field
+    with pytest.raises(ValueError, match="cache_device"):
+        analysis.head_scores(model, full, answers, progress=False, cache_device="no such device")
     with pytest.raises(TypeError, match="pairs"):
         analysis.head_scores(model, chunks, answers, progress=False)
     with pytest.raises(ValueError, match="no batches"):
