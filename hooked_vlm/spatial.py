@@ -93,18 +93,21 @@ def processor_geometry(processor: Any, size: tuple[int, int]) -> ImageGeometry:
         elif h and w and not short:
             resized = (int(w), int(h))
         else:
-            raise NotImplementedError(f"processor_geometry: the resize setting {setting!r} of "
-                                      f"{type(image_processor).__name__} is not supported (shortest_edge alone, or "
-                                      "height and width)")
+            raise ValueError(f"processor_geometry: the resize setting {setting!r} of "
+                             f"{type(image_processor).__name__} is not supported (shortest_edge alone, as CLIP's, or "
+                             "height and width, as BLIP's): pass the processor of a LLaVA-1.5, BLIP or InstructBLIP "
+                             "model")
     if getattr(image_processor, "do_pad", False):
-        raise NotImplementedError(f"processor_geometry: {type(image_processor).__name__} pads images (do_pad=True); "
-                                  "its padding is not modelled")
+        raise ValueError(f"processor_geometry: {type(image_processor).__name__} pads images (do_pad=True), which "
+                         "moves the patches in a way this mapping does not follow; set do_pad=False or pass the "
+                         "processor of a LLaVA-1.5, BLIP or InstructBLIP model")
     crop = (0, 0, *resized)
     if getattr(image_processor, "do_center_crop", False):
         setting = getattr(image_processor, "crop_size", None)
         ch, cw = _field(setting, "height"), _field(setting, "width")
         if not ch or not cw:
-            raise NotImplementedError(f"processor_geometry: crop_size {setting!r} has no height and width")
+            raise ValueError(f"processor_geometry: crop_size {setting!r} has no height and width: give the "
+                             "processor a crop_size {'height': H, 'width': W}")
         crop = ((resized[0] - int(cw)) // 2, (resized[1] - int(ch)) // 2, int(cw), int(ch))
     return ImageGeometry((width, height), resized, crop)
 

@@ -93,8 +93,12 @@ def test_blip_resizes_to_a_square_without_crop():
 def test_geometry_refuses_what_it_does_not_model():
     processor = CLIPImageProcessorPil(size={"shortest_edge": 336, "longest_edge": 500},
                                       crop_size={"height": 336, "width": 336})
-    with pytest.raises(NotImplementedError, match="not supported"):
+    with pytest.raises(ValueError, match="not supported"):
         spatial.processor_geometry(processor, (640, 427))
+    padding = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    padding.do_pad = True  # padded images shift the patches: refused, not mapped as if unpadded
+    with pytest.raises(ValueError, match="do_pad"):
+        spatial.processor_geometry(padding, (640, 427))
 
 
 def test_coverage_is_the_covered_fraction_and_any_overlap_selects():
