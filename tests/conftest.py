@@ -39,3 +39,23 @@ def _typecheck_off_for_error_tests(request):
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+@pytest.fixture(scope="module")
+def llava_minimal_pair():
+    """A tiny LLaVA, a padded batch of two prompts with clean and corrupted images, and a logit-difference metric
+    of the clean run's own next token: the inputs of the LLaVA sweep tests."""
+    from hooked_vlm import HookedVLM, metrics
+    from hooked_vlm.tiny import build_llava, random_image
+
+    hf, processor = build_llava(seed=3)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    prompts = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
+    clean = processor(images=[random_image(seed=0), random_image(seed=1)], text=prompts, padding=True,
+                      return_tensors="pt")
+    corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
+                        return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**clean)
+    answer = logits[:, -1].argmax(-1)
+    return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])

@@ -305,23 +305,6 @@ def test_attribution_correlates_with_exact_patching(vqa):
 
 
 # ------------------------------------------------------------------------------------------ LLaVA
-@pytest.fixture(scope="module")
-def llava():
-    from hooked_vlm.tiny import build_llava
-
-    hf, processor = build_llava(seed=3)
-    model = HookedVLM.from_hf(hf, processor=processor)
-    prompts = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
-    clean = processor(images=[random_image(seed=0), random_image(seed=1)], text=prompts, padding=True,
-                      return_tensors="pt")
-    corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
-                        return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**clean)
-    answer = logits[:, -1].argmax(-1)
-    return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
-
-
 def llava_positions(model, inputs):
     """[B, 3] per example: the first and a middle token of its image (from `cache.positions`) and its last token."""
     with torch.no_grad():
@@ -342,8 +325,8 @@ def image_sites(model, inputs):
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_llava_sweeps_equal_naive_loop(llava, direction):
-    model, clean, corrupt, metric = llava
+def test_llava_sweeps_equal_naive_loop(llava_minimal_pair, direction):
+    model, clean, corrupt, metric = llava_minimal_pair
     positions = llava_positions(model, clean)  # per example: two image tokens and the last token
     n_cells = positions.shape[1]
     resid = patching.patch_resid(model, clean, corrupt, metric, tower="lm", hook="resid_post", positions=positions,
@@ -378,8 +361,8 @@ def test_llava_sweeps_equal_naive_loop(llava, direction):
             torch.testing.assert_close(vision[layer], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_llava_causal_trace_noises_the_image_tokens(llava):
-    model, clean, _, _ = llava
+def test_llava_causal_trace_noises_the_image_tokens(llava_minimal_pair):
+    model, clean, _, _ = llava_minimal_pair
     target = model(**clean)[:, -1].argmax(-1)
     result = patching.causal_trace(model, clean, target, tower="lm", seed=2, progress=False)
     sites = image_sites(model, clean)
@@ -451,10 +434,10 @@ def test_instructblip_head_sweeps_equal_naive_loop(instructblip, direction):
         torch.testing.assert_close(resid[layer], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_llava_last_token_sweeps_resume_on_the_suffix(llava):
+def test_llava_last_token_sweeps_resume_on_the_suffix(llava_minimal_pair):
     """Patching at the last token only: the resumed runs compute one position per row (the prefix's keys and values
     come from the corrupted run) and still equal the naive loop."""
-    model, clean, corrupt, metric = llava
+    model, clean, corrupt, metric = llava_minimal_pair
     last = [clean["input_ids"].shape[1] - 1]
     lengths = []
     counter = model.lm.register_forward_hook(lambda tower, args, out: lengths.append(out.shape[1]))

@@ -9,7 +9,7 @@ import torch
 
 from hooked_vlm import HookedVLM, corruption, metrics, patching
 from hooked_vlm.patching import ImagePatches, resolve_groups
-from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, random_image
+from hooked_vlm.tiny import build_blip, build_instructblip, random_image
 
 
 def naive_groups(model, clean, corrupt, metric, hook_name, members, direction, normalize=False, heads=None,
@@ -153,24 +153,9 @@ def test_resolve_groups_names_and_errors(blip):
 
 
 # ------------------------------------------------------------------------------------------ LLaVA
-@pytest.fixture(scope="module")
-def llava():
-    hf, processor = build_llava(seed=3)
-    model = HookedVLM.from_hf(hf, processor=processor)
-    prompts = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
-    clean = processor(images=[random_image(seed=0), random_image(seed=1)], text=prompts, padding=True,
-                      return_tensors="pt")
-    corrupt = processor(images=[random_image(seed=2), random_image(seed=3)], text=prompts, padding=True,
-                        return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**clean)
-    answer = logits[:, -1].argmax(-1)
-    return model, clean, corrupt, metrics.logit_diff(answer, (answer + 1) % logits.shape[-1])
-
-
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_llava_named_groups_equal_naive_loop(llava, direction):
-    model, clean, corrupt, metric = llava
+def test_llava_named_groups_equal_naive_loop(llava_minimal_pair, direction):
+    model, clean, corrupt, metric = llava_minimal_pair
     pos = model.positions(**clean)
     spans = [s[0] for s in pos.image]
     grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
@@ -187,10 +172,10 @@ def test_llava_named_groups_equal_naive_loop(llava, direction):
         torch.testing.assert_close(result[layer], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_llava_late_groups_resume_after_the_prefix(llava):
+def test_llava_late_groups_resume_after_the_prefix(llava_minimal_pair):
     """Groups that all start late (the last two tokens, the last token) resume on the positions from the first of
     them: the cut is the minimum over the groups' positions."""
-    model, clean, corrupt, metric = llava
+    model, clean, corrupt, metric = llava_minimal_pair
     T = clean["input_ids"].shape[1]
     lengths = []
     counter = model.lm.register_forward_hook(lambda tower, args, out: lengths.append(out.shape[1]))
