@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import compare, report  # noqa: E402
+from timing import forward_and_generation  # noqa: E402
 
-from hooked_vlm import HookedVLM, names  # noqa: E402
+from hooked_vlm import HookedVLM  # noqa: E402
 from hooked_vlm.tiny import build_llava, random_image  # noqa: E402
 
 PROMPT = "USER: <image>\n" + "describe this image in a short caption " * 2 + "ASSISTANT:"
@@ -42,28 +42,8 @@ def main() -> None:
         diff = (model(**inputs) - hf(**inputs).logits).abs().max().item()
     print(f"torch {torch.__version__}, {args.threads} thread(s), prompt {T} tokens, max |logit diff| vs HF {diff:.1e}\n")
 
-    results = compare({
-        "HF forward (sdpa)": lambda: hf(**inputs),
-        "hooked forward": lambda: model(**inputs),
-        "run_with_cache (all hooks)": lambda: model.run_with_cache(**inputs),
-        "run_with_cache (residual only)": lambda: model.run_with_cache(
-            **inputs, names_filter=names.in_blocks(None, "hook_resid_pre", "hook_resid_post")),
-    }, repeats=args.repeats)
-    print(report(f"LLaVA mid-size forward ({len(model.hook_dict)} hook points)", results, "hooked forward"))
-    ratio = results["hooked forward"]["median_ms"] / results["HF forward (sdpa)"]["median_ms"]
-    print(f"\nhooked forward / HF forward: {ratio:.2f}x\n")
-
-    n = args.new_tokens
-    eos_free = {"eos_token_id": None}  # random weights: never stop early, so both generate exactly n tokens
-    model.cfg.eos_token_id = None
-    gen = compare({
-        "HF generate": lambda: hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                           **eos_free),
-        "hooked generate": lambda: model.generate(**inputs, max_new_tokens=n),
-    }, repeats=max(3, args.repeats // 3), warmup=1)
-    print(report(f"greedy generation of {n} tokens", gen, "HF generate"))
-    speed = gen["HF generate"]["median_ms"] / gen["hooked generate"]["median_ms"]
-    print(f"\nhooked tokens/s relative to HF: {speed:.2f}x")
+    print(forward_and_generation("LLaVA mid-size", hf, model, inputs, repeats=args.repeats,
+                                 new_tokens=args.new_tokens))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from _common import load, parser
-from hooked_vlm import corruption, patching, plot
+from hooked_vlm import corruption, patching, plot, view
 from hooked_vlm.data import coco_qa
 
 
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                                     title=f"{name}: restoring after corrupted image, p({answers[i]})",
                                     xlabel="token", xticklabels=labels)
                 print(f"{name} example {ids[i]} ({answers[i]!r}): {describe(results.values[i], labels)} -> {path}")
+                view.sweep(results.values[i], args.out / f"{name}_{i + 1}.html", kind="positions", model=model,
+                           inputs=examples[i][0], tower=tower, labels=labels, centered=False,
+                           title=f"{name}: restoring after corrupted image, p({answers[i]})")
         if tower == "text_decoder":
             mean, labels = results.mean(), ["[DEC]"]
         else:  # questions of different lengths: aligned on their last token

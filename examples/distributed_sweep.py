@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     heads = patching.sweep_dataset(patching.patch_heads, model, examples, tower="lm", normalize=True,
                                    batch_size=args.batch_size, distributed=sharded, progress=distributed.rank() == 0)
     mean = analysis.mean_activation(model, [clean for clean, _, _ in examples], ["projector.hook_out"],
-                                    over="tokens", distributed=sharded)["projector.hook_out"]
+                                    over="tokens", distributed=sharded, batch_size=args.batch_size,
+                                    progress=False)["projector.hook_out"]
     if distributed.rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save({"heads": heads, "mean_image_token": mean.cpu()}, args.out / "scores.pt")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from _common import load, parser
-from hooked_vlm import metrics, patching, plot
+from hooked_vlm import metrics, patching, plot, view
 
 PROMPT = "USER: <image>\nWhat color is the square? ASSISTANT: The square is"
 
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     path = plot.heatmap(restored, args.out / "object_patches.png", xticklabels=list(groups), xlabel="group",
                         title="share of the red-blue logit difference restored (resid_pre)", centered=False,
                         cmap="Purples")
-    print(f"-> {path}")
+    view.sweep(restored, args.out / "object_patches.html", kind="positions", labels=list(groups), model=model,
+               inputs=clean, tower="lm", centered=False, title="share of the logit difference restored (resid_pre)")
+    print(f"-> {path} (and object_patches.html)")
     return 0
 
 

@@ -29,8 +29,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from _common import load, parser
-from hooked_vlm import analysis, evaluation, interventions, metrics, plot, spatial
-from hooked_vlm.data import coco_instances, neo_filter
+from hooked_vlm import analysis, evaluation, interventions, metrics, plot, spatial, view
+from hooked_vlm.data import coco_instances, collate, neo_filter
 from hooked_vlm.integrated_gradients import integrated_gradients
 
 KS = (5, 10, 20, 40, 60, 100, 250)  # the authors' k for IG and random token sets
@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         mean = torch.load(args.mean, map_location="cpu").to(model.device, model.dtype)
     else:
         empty = [evaluation.prompt(model, "")] * len(images)
-        mean = analysis.mean_activation(model, (inp for _, inp in evaluation.batches(model, images, empty, bs)),
-                                        ["projector.hook_out"], over="tokens")["projector.hook_out"]
+        mean = analysis.mean_activation(model, collate(model, zip(images, empty), batch_size=bs),
+                                        ["projector.hook_out"], over="tokens", batch_size=bs,
+                                        progress=False)["projector.hook_out"]
         torch.save(mean.cpu(), args.out / "E1_mean_visual_token.pt")
     print(f"E1 mean visual token: {mean.numel()}-d, L2 norm {mean.float().norm():.3f} (LLaVA-1.5-7B in the authors' "
           "file: 25.566)")
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         spans = [positions.image[b][0] for b in range(len(rows))]
         patch_pos = torch.stack([s.indices[s.rows >= 0] for s in spans])  # [B, grid*grid], row-major patches
         lens = analysis.logit_lens(model, inputs, tower="lm", positions=patch_pos, k=5)
-        first_lens = lens if first_lens is None else first_lens
+        if first_lens is None:
+            first_lens, first_inputs = lens, inputs
         for b, i in enumerate(rows):
             hit = (lens.ids[:, b] == evaluation.class_token(tok, names[i])).any(-1).float().cpu()  # [L, patches]
             obj = objects[i][0].flatten()
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     seen = images[0].resize(geometry.resized, Image.BICUBIC).crop((left, top, left + w, top + h))
     plot.patch_overlay(seen, top1[-1], args.out / "E4_logit_lens_last_layer.png", grid=grid,
                        title="E4 last layer, top-1 probability per patch", centered=False, cmap="viridis")
+    # as Neo et al.'s interactive viewer: each patch's top-1 token per layer, the top-5 on hover
+    view.lens(model, first_lens, args.out / "E4_logit_lens.html", inputs=first_inputs,
+              title="E4 logit lens at the image tokens (first image)")
     inside_m, outside_m = torch.stack(inside).nanmean(0), torch.stack(outside).mean(0)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(inside_m.numpy(), "o-", label="object patches")

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from _common import first_token, load, parser, to
-from hooked_vlm import HookedVLM, corruption, data, metrics, overlays, patching, plot
+from hooked_vlm import HookedVLM, corruption, data, metrics, overlays, patching, plot, view
 from hooked_vlm.head_selection import select_heads, universal_heads
 
 COLOR_WORDS = ("red", "blue", "green", "yellow", "white", "black", "gray", "pink", "brown", "orange", "purple")
@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         plot.patch_overlay(item.image().resize((size, size)), grid, args.out / f"n6_overlay_{rank}.png",
                            cmap="seismic", centered=False,
                            title=f"N6: L{head[0]}H{head[1]} from {item.answer!r}, minus the mean head (min-max)")
+    # every cross-attention head at once, from any token: pick a layer and head, hover the question's tokens
+    view.attention(blip.model, cache, args.out / "n6_attention.html", inputs=inputs,
+                   title=f"N6: BLIP's question encoder reading the image ({item.question!r}; N6 heads {heads})")
 
     # N7: LLaVA
     llava_model = load(args.llava_model, "llava", args.device, args.dtype)

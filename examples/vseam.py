@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from _common import llava_prompt, load, parser, to
-from hooked_vlm import analysis, corruption, data, metrics, patching, plot
+from hooked_vlm import analysis, corruption, data, metrics, patching, plot, view
 
 STREAMS = ("resid_post", "attn_out", "resid_mid", "mlp_out")  # V5: block, attention, intermediate residual, MLP
 
@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("positive", "negative", "delta"):
         plot.heatmap(getattr(scores, name), out / f"v6_head_{name}.png", xlabel="head",
                      title=f"V6 {name} head scores (fit split)", centered=name == "delta")
+    # click a head: its attention from the last token of the first fit question, over the image and the text
+    first_fit = {key: value[:1] for key, value in fit.items()}
+    _, head_cache = model.run_with_cache(**first_fit, names_filter=view.attention_names(model, ["lm"]))
+    view.sweep(scores.delta, out / "v6_head_delta.html", kind="heads", model=model, cache=head_cache,
+               inputs=first_fit, tower="lm", title="V6 delta head scores (fit split); patterns of fit question 0")
+    del head_cache
     k = min(args.top, scores.positive.numel() // 2)
     # positive heads exist only if some fit example was answered correctly, negative ones if some was not
     positive = scores.positive_heads(k) if scores.correct.any() else []
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         sets = {"positive": positive, **({"negative": negative} if negative else {})}
         table = analysis.head_set_ablation(model, held_out, eval_answers, sets=sets,
                                            random_k=min(10, scores.positive.numel() // 2), random_trials=5,
-                                           seed=42 if args.family == "llava" else 42 + 997)  # the authors' seeds
+                                           seed=42 if args.family == "llava" else 42 + 997,  # the authors' seeds
+                                           batch_size=args.batch_size)
         print("V8 set ablation on the evaluation split (heads set to 0 at every position):")
         print(table.table())
     else:

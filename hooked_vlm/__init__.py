@@ -5,8 +5,9 @@ from . import analysis, corruption, distributed, interventions, metrics, patchin
 from .cache import ActivationCache
 from .hooks import HookedRootModule, HookPoint
 from .models import HookedBlipCaptioning, HookedBlipITM, HookedBlipVQA, HookedInstructBlip, HookedLlava, HookedVLM
+from .models.qwen2_vl import HookedQwen2VL
 from .positions import ImageSpan, Positions
 
 __all__ = ["ActivationCache", "HookedRootModule", "HookPoint", "HookedVLM", "HookedBlipCaptioning",
-           "HookedBlipITM", "HookedBlipVQA", "HookedInstructBlip", "HookedLlava", "ImageSpan", "Positions"]
+           "HookedBlipITM", "HookedBlipVQA", "HookedInstructBlip", "HookedLlava", "HookedQwen2VL", "ImageSpan", "Positions"]
 __version__ = "0.1.0"

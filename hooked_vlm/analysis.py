@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,69 +16,110 @@ from . import interventions, metrics, patching
 from . import names as names_
 from .arguments import strict
 from .cache import ActivationCache
+from .data.collate import InputBatch, check_batch_size, split
 from .head_ablation import Batch, unablated_runs
 from .head_ablation import (  # noqa: F401  (re-exported: analysis.head_set_ablation, ...)
     PAPER_NEGATIVE_HEADS, PAPER_POSITIVE_HEADS, SetAblation, head_set_ablation, random_head_sets)
 from .head_selection import select_heads  # noqa: F401  (re-exported: analysis.select_heads)
 from .hooks import NameFilter
 from .models.base import HookedVLM
+from .utils import progress_bar
 
 
 @strict
 @torch.no_grad()
 def mean_activation(model: HookedVLM, batches: Iterable[Mapping[str, Any]], hook_names: NameFilter, *,
-                    over: str = "examples", mask_key: str | None = "attention_mask", distributed: bool = False
-                    ) -> dict[str, Tensor]:
-    """Stream the mean of activations over a data set without holding it: a running sum in float64 per hook.
+                    over: str = "examples", mask_key: str | None = "attention_mask", distributed: bool = False,
+                    batch_size: int | None = None, progress: bool = True) -> dict[str, Tensor]:
+    """Stream the mean of activations over a data set without holding it: a running sum in float64 per hook,
+    whatever the model's dtype (a half-precision sum would lose the small terms of a long stream); the means are
+    returned in the model's dtype.
 
-    `over="examples"`: the mean over examples, per position ([T, ...]; every batch must have the same length).
-    `over="tokens"`: the mean over examples and positions ([...], e.g. [H, d_head] for a `hook_z`, [D] for a
-    stream), counting only real tokens when the batch's `mask_key` mask has the hook's sequence length.
+    `batches`: any iterable of input dicts, read lazily one at a time: the processor's outputs, or
+    `data.collate(model, examples, batch_size=...)`, which pads and records each example's positions.
+    `batch_size`: the most examples per forward; a larger batch is split (None: each batch as given). The means
+    equal those of one batch holding every example (up to float64 rounding).
+
+    `over="examples"`: the mean over examples, per position ([T, ...]; every batch must have the same length, and
+    pad positions are averaged as they are). `over="tokens"`: the mean over examples and positions ([...], e.g.
+    [H, d_head] for a `hook_z`, [D] for a stream), counting only real tokens: padding is left out by each tower's
+    mask in `model.positions` (the prompt tower's `attention_mask`, `positions.towers[...]` for the others; towers
+    without one, such as the vision tower, have no padding). `mask_key=None` counts every position, padding
+    included.
 
     Each forward stops after the last of `hook_names` (`run_with_hooks(stop_at_hook=True)`): nothing after it runs.
 
     `distributed=True`: each process of the torch.distributed group runs every `world_size`-th batch and the sums
     are added across processes; every rank returns the same means, on the CPU (equal to one process's up to float64
-    rounding).
+    rounding). `progress`: a progress bar over the batches.
     """
     if over not in ("examples", "tokens"):
         raise ValueError(f"over must be 'examples' or 'tokens', got {over!r}")
+    if mask_key not in ("attention_mask", None):
+        raise ValueError(f"mask_key={mask_key!r}: pass 'attention_mask' (each tower's padding, from model.positions) "
+                         "or None (every position counts)")
+    check_batch_size(batch_size)
     if distributed:
         distributed_.require_group()
     names = model.hook_names(hook_names)
     sums: dict[str, Tensor] = {}
     counts: dict[str, Tensor] = {}
-    for i, batch in enumerate(batches):
-        if distributed and i % distributed_.world_size() != distributed_.rank():
-            continue  # another process's batch
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"batch {i} is a {type(batch).__name__}: each batch must be the processor's output (a dict "
-                            "of tensors)")
-        mask = batch.get(mask_key) if mask_key else None
-
-        def accumulate(t: Tensor, hook: Any) -> None:
-            x = t.detach().double()
-            if over == "examples":
-                total, count = x.sum(0), torch.tensor(x.shape[0], dtype=torch.float64)
-            elif mask is not None and mask.shape[:2] == x.shape[:2]:
-                keep = mask.to(x.device).bool()
-                total, count = x[keep].sum(0), keep.sum().double()
-            else:
-                total, count = x.flatten(0, 1).sum(0), torch.tensor(x.shape[0] * x.shape[1], dtype=torch.float64)
-            if hook.name in sums and sums[hook.name].shape != total.shape:
-                raise ValueError(f"{hook.name} changed shape between batches ({tuple(sums[hook.name].shape)} vs "
-                                 f"{tuple(total.shape)}); pad every batch to one length or use over='tokens'")
-            sums[hook.name] = sums.get(hook.name, 0) + total
-            counts[hook.name] = counts.get(hook.name, 0) + count.to(total.device)
-
-        # the forward ends after the last hook asked for: a projector's mean never runs the LM
-        model.run_with_hooks(**batch, fwd_hooks=[(n, accumulate) for n in names], stop_at_hook=True)
+    bar = progress_bar(len(batches) if isinstance(batches, Sized) else None, progress, "mean_activation")
+    try:
+        for i, batch in enumerate(batches):
+            if distributed and i % distributed_.world_size() != distributed_.rank():
+                bar.update(1)
+                continue  # another process's batch
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"batch {i} is a {type(batch).__name__}: each batch must be the processor's output (a "
+                                "dict of tensors), e.g. from data.collate")
+            for _, chunk in split(batch, batch_size):
+                masks = _padding_masks(model, chunk, mask_key) if over == "tokens" else {}
+                _accumulate(model, chunk, names, over, masks, sums, counts)
+            bar.update(1)
+    finally:
+        bar.close()
     if distributed:  # every rank gets the sums over all the processes' batches (on the CPU)
         sums, counts = distributed_.all_sum(sums), distributed_.all_sum(counts)
     if not sums:
         raise ValueError("mean_activation got no batches: pass a non-empty iterable of input dicts (a generator "
                          "already consumed is empty)")
     return {n: (sums[n] / counts[n]).to(model.dtype) for n in names if n in sums}
+
+
+def _padding_masks(model: HookedVLM, batch: Mapping[str, Any], mask_key: str | None) -> dict[str, Tensor]:
+    """The [B, T] real-token mask of each tower that has padding, by tower name (none for mask_key=None)."""
+    if mask_key is None:
+        return {}
+    positions = getattr(batch, "positions", None) if isinstance(batch, InputBatch) else None
+    positions = positions if positions is not None else model.positions(**batch)
+    masks = {model.prompt_tower: positions.attention_mask}
+    masks.update({tower: p.attention_mask for tower, p in positions.towers.items()})
+    return masks
+
+
+def _accumulate(model: HookedVLM, batch: Mapping[str, Any], names: list[str], over: str,
+                masks: dict[str, Tensor], sums: dict[str, Tensor], counts: dict[str, Tensor]) -> None:
+    """One forward, stopped after the last of `names`, adding each hook's float64 sum and count."""
+
+    def accumulate(t: Tensor, hook: Any) -> None:
+        x = t.detach().double()
+        mask = masks.get(names_.parse(hook.name).tower)
+        if over == "examples":
+            total, count = x.sum(0), torch.tensor(x.shape[0], dtype=torch.float64)
+        elif mask is not None and mask.shape == x.shape[:2]:
+            keep = mask.to(x.device).bool()
+            total, count = x[keep].sum(0), keep.sum().double()
+        else:
+            total, count = x.flatten(0, 1).sum(0), torch.tensor(x.shape[0] * x.shape[1], dtype=torch.float64)
+        if hook.name in sums and sums[hook.name].shape != total.shape:
+            raise ValueError(f"{hook.name} changed shape between batches ({tuple(sums[hook.name].shape)} vs "
+                             f"{tuple(total.shape)}); pad every batch to one length or use over='tokens'")
+        sums[hook.name] = sums.get(hook.name, 0) + total
+        counts[hook.name] = counts.get(hook.name, 0) + count.to(total.device)
+
+    # the forward ends after the last hook asked for: a projector's mean never runs the LM
+    model.run_with_hooks(**batch, fwd_hooks=[(n, accumulate) for n in names], stop_at_hook=True)
 
 
 @dataclass
@@ -244,7 +285,8 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch],
     list of sub-token ids per example (`metrics.answer_tokens`); an example is correct when the top token at
     `position` is any of its answer's sub-tokens, and P follows `policy` (`metrics.answer_prob`; V-SEAM: "first").
     `position`: an int, one per example, or "last" (each example's last real token; for right-padded batches).
-    `batch_size` and `cache_device` bound the memory of each batch's ablation sweep (`patching.ablation_sweep`).
+    `batch_size` and `cache_device` bound the memory of each batch's ablation sweep (`patching.ablation_sweep`);
+    a batch of more than `batch_size` examples is run in chunks of that many (the sums are the same).
     Fit on one split and evaluate the resulting interventions (`rescaling_hooks`) on another.
     """
     if policy not in metrics.ANSWER_POLICIES:
@@ -253,7 +295,8 @@ def head_scores(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch],
     positive = negative = delta = None
     n_correct = n_wrong = n = 0
     correct: list[Tensor] = []
-    for run in unablated_runs(model, inputs, answer, position, policy, "head_scores"):
+    # the unablated forward bounded as the sweep is: a batch of more than batch_size examples is scored in chunks
+    for run in unablated_runs(model, inputs, answer, position, policy, "head_scores", batch_size):
         ok = run.correct
         ablated = patching.ablation_sweep(model, run.inputs, run.metric, tower=tower, attention=attention,
                                           mode="mean_of_others", batch_size=batch_size, progress=progress,

@@ -7,7 +7,7 @@
     hooked-vlm trace [--model M] [--image A] [--prompt Q] [--tower T] [--kind resid] [--window 1] [--samples 1]
                      [--corruption gaussian [--noise 3] | multiplicative [--noise-mean 1] [--noise-std 5]
                       | scale --factor F] [--redraw sample|forward]
-    hooked-vlm lens  [--model M] [--image A] [--prompt Q] [--tower T] [--k 5]
+    hooked-vlm lens  [--model M] [--image A] [--prompt Q] [--tower T] [--k 5] [--html --out DIR]
 
 Every command that loads a model takes `--device` and `--dtype float32|float16|bfloat16` (the weights are read
 straight into that dtype; default: the checkpoint's own); patch and trace take `--batch-size` (patched variants per
@@ -17,6 +17,7 @@ commands; their numbers mean nothing): tiny (BLIP-VQA), tiny-llava, tiny-instruc
 The question is wrapped in the family's prompt template (LLaVA-1.5: "USER: <image>\\n{question} ASSISTANT:").
 Without images, a synthetic minimal pair (a drawn shape that changes colour) is used. Results go to `--out` (PNG
 heatmap, JSON and CSV); JSON never holds NaN or Infinity (non-finite scores are written as null, with a warning).
+`--html` (patch, trace, lens) also writes an interactive self-contained HTML view there (hooked_vlm.view).
 
 Every error, bad input or not, is one line on stderr and exit status 2; an unexpected one (a bug) says so and how
 to see its traceback: set HOOKED_VLM_DEBUG=1.
@@ -45,6 +46,7 @@ from torch import Tensor
 from weights_conversion.__main__ import DTYPES, convert
 
 from . import analysis, corruption, metrics, names, patching, plot, tiny
+from . import view as view_
 from .metrics import answer_token
 from .models.base import HookedVLM
 
@@ -76,6 +78,8 @@ TINY_MODELS = {
     "tiny-llava": TinyModel("a tiny LLaVA-1.5 (CLIP + Llama)", _tiny("build_llava")),
     "tiny-instructblip": TinyModel("a tiny InstructBLIP with a Llama LM", _tiny("build_instructblip", "llama")),
     "tiny-instructblip-t5": TinyModel("a tiny InstructBLIP with a T5 LM", _tiny("build_instructblip", "t5")),
+    "tiny-qwen2-vl": TinyModel("a tiny Qwen2-VL", _tiny("build_qwen2_vl")),
+    "tiny-qwen2.5-vl": TinyModel("a tiny Qwen2.5-VL", lambda: tiny.build_qwen2_vl(seed=0, version="2.5")),
 }
 
 
@@ -389,6 +393,9 @@ def cmd_patch(args: argparse.Namespace) -> None:
             "title": f"{tower} {kind}: patched clean into corrupted"}
     _write(args.out, "patch", scores, meta, xlabel, labels,
            lambda: _why_not_finite(model, tower, leaf, scores, normalisation))
+    if args.html:
+        _sweep_view(args.out / "patch.html", model, scores, clean, tower, attention, resid=args.resid,
+                    title=meta["title"])
 
 
 def _single_input(args: argparse.Namespace, model) -> dict:
@@ -466,6 +473,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
             "title": f"causal trace of {tower} ({args.kind}, window {args.window}), normalised"}
     _write(args.out, "trace", scores, meta, "position", labels,
            lambda: _why_not_finite(model, tower, patching.TRACE_KINDS[args.kind], scores, normalisation))
+    if args.html:
+        _sweep_view(args.out / "trace.html", model, scores, inputs, tower, "attn", resid=True, title=meta["title"])
 
 
 def cmd_lens(args: argparse.Namespace) -> None:
@@ -480,12 +489,30 @@ def cmd_lens(args: argparse.Namespace) -> None:
     vocab = unembed.weight.shape[0]
     if args.k > vocab:
         raise CLIError(f"--k {args.k} is more than the {vocab} tokens of the vocabulary; pass at most {vocab}")
-    lens = analysis.logit_lens(model, _single_input(args, model), tower=tower, k=args.k)
+    inputs = _single_input(args, model)
+    lens = analysis.logit_lens(model, inputs, tower=tower, k=args.k)
     print(f"logit lens of {tower}, last position, top {args.k} per layer:")
     for layer, per_example in enumerate(lens.tokens):
         row = per_example[0][-1]
         probs = lens.probs[layer, 0, -1].tolist()
         print(f"  layer {layer:3d}: " + "  ".join(f"{t} {p:.3f}" for t, p in zip(row, probs)))
+    if args.html:
+        path = view_.lens(model, lens, inputs=inputs, tower=tower,
+                          title=f"logit lens of {tower} ({args.model})").save(args.out / "lens.html")
+        print(f"wrote {path}")
+
+
+def _sweep_view(path: Path, model, scores: Tensor, inputs: Mapping, tower: str, attention: str, *, resid: bool,
+                title: str) -> None:
+    """`--html`: the interactive view of a sweep, beside its PNG; a head sweep's view shows each head's pattern
+    from the last token (one more forward of the clean inputs, caching the tower's patterns)."""
+    cache = None
+    if not resid:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(**inputs, names_filter=view_.attention_names(model, [tower]))
+    view_.sweep(scores, path, kind="positions" if resid else "heads", model=model, cache=cache, inputs=inputs,
+                tower=tower, attention=attention, title=title)
+    print(f"wrote {path}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -573,6 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, default=Path("hooked_vlm_out"),
                            help="the folder for the PNG, JSON and CSV (created if missing)")
             p.add_argument("--batch-size", type=_number(int), default=64, help="variants per forward pass")
+        else:
+            p.add_argument("--out", type=Path, default=Path("hooked_vlm_out"),
+                           help="with --html: the folder for the HTML view (created if missing)")
+        p.add_argument("--html", action="store_true",
+                       help="also write an interactive, self-contained HTML view (hooked_vlm.view) to --out: "
+                            + {"patch": "patch.html (click a cell: that head's attention)",
+                               "trace": "trace.html (click a cell: that layer over the image)",
+                               "lens": "lens.html (the top-1 token on each image patch, per layer)"}[name])
         towers = {"patch": "the one reading the prompt", "trace": "the one reading the prompt",
                   "lens": "the one predicting tokens"}
         p.add_argument("--tower", default=None, help=f"the tower to {'read' if name == 'lens' else 'sweep'} "

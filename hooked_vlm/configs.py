@@ -12,7 +12,9 @@ from typing import Literal
 
 from .towers.bert import TextConfig
 from .towers.llama import LlamaConfig
+from .components.norms import NormConfig
 from .towers.qformer import QFormerConfig
+from .towers.qwen_vision import QwenVisionConfig
 from .towers.t5 import T5StackConfig
 from .towers.vit import VisionConfig
 
@@ -72,6 +74,9 @@ class InstructBlipConfig:
     bos_token_id: int | None = None  # decoder-only: starts a prompt-less generation
     decoder_start_token_id: int = 0  # T5: the decoder's first token
     hf_positions: bool = False  # decoder-only: number positions 0..T-1 across pads, as HF's forward does
+    # parameters (fnmatch patterns of their names) that a float16 load keeps in float32, as HF's
+    # `_keep_in_fp32_modules` does (`loading.keep_float32`); bfloat16 and float32 loads keep nothing
+    keep_in_float32: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.lm is None) == (self.lm_encoder is None or self.lm_decoder is None):
@@ -81,3 +86,24 @@ class InstructBlipConfig:
     @property
     def is_encoder_decoder(self) -> bool:
         return self.lm is None
+
+
+@dataclass
+class QwenVLConfig:
+    """Qwen2-VL and Qwen2.5-VL: the vision tower (its merger is `projector`) and the Qwen2 LM, whose rotary is
+    multimodal (`lm.block.attn.rotary.mrope_section`)."""
+
+    vision: QwenVisionConfig
+    lm: LlamaConfig
+    image_token_id: int
+    merger_norm: NormConfig  # the merger's norm before fusing patches (LayerNorm: Qwen2-VL; RMSNorm: Qwen2.5-VL)
+    video_token_id: int | None = None  # refused: videos are not supported
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+
+HOOKED_CLASSES.update({
+    "Qwen2VLForConditionalGeneration": "HookedQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "HookedQwen2VL",
+})

@@ -20,16 +20,15 @@ description nor "yes", so the verdicts are the same).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from . import interventions
+from .data.collate import InputBatch, collate
 from .hooks import HookSpec
 from .models.base import HookedVLM
 from .positions import ImageSpan, Positions
@@ -44,47 +43,23 @@ Edit = Callable[[Positions, list[int]], list[HookSpec]]
 
 def prompt(model: HookedVLM, question: str, suffix: str = "") -> str:
     """The family's chat prompt around `question` (`model.prompt_template`), then `suffix` (Neo et al.'s VQA
-    prompt ends in " It is a")."""
+    prompt ends in " It is a"). Qwen2-VL's is its chat format with the image first, "<|im_start|>user\n
+    <|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n" (no newline
+    after "user\n"; the processor expands `<|image_pad|>` into the image's tokens), and a suffix continues the
+    assistant's turn."""
     return model.prompt_template.format(question=question) + suffix
 
 
-def _image(image: Any) -> Image.Image:
-    return image.load() if hasattr(image, "load") and not isinstance(image, Image.Image) else image
-
-
-@contextlib.contextmanager
-def _left_padding(processor: Any) -> Iterator[None]:
-    """Decoder-only generation continues each row from its last position: pad on the left for the batch."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    side = getattr(tokenizer, "padding_side", None)
-    try:
-        if side is not None:
-            tokenizer.padding_side = "left"
-        yield
-    finally:
-        if side is not None:
-            tokenizer.padding_side = side
-
-
 def batches(model: HookedVLM, images: Sequence[Any], texts: Sequence[str], batch_size: int
-            ) -> Iterator[tuple[list[int], dict[str, Any]]]:
-    """(rows, inputs) for consecutive batches of (image, text) pairs: the processor's output, left-padded, on the
-    model's device, pixels in the model's dtype. `images`: PIL images or `ImageFile`s (opened batch by batch)."""
+            ) -> Iterator[tuple[list[int], InputBatch]]:
+    """(rows, inputs) for consecutive batches of at most `batch_size` (image, text) pairs (`data.collate`): the
+    processor's output, left-padded, on the model's device, pixels in the model's dtype, with `inputs.positions`.
+    `images`: PIL images or `ImageFile`s (opened batch by batch). Every forward of this module runs on one of
+    these batches, so `batch_size` bounds each of them."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts: pass one text per image")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: pass a number of examples >= 1")
-    for start in range(0, len(texts), batch_size):
-        rows = list(range(start, min(len(texts), start + batch_size)))
-        with _left_padding(model.processor):
-            inputs = model.processor(images=[_image(images[i]) for i in rows], text=[texts[i] for i in rows],
-                                     padding=True, return_tensors="pt")
-        out = {}
-        for k, v in inputs.items():
-            if isinstance(v, Tensor):
-                v = v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
-            out[k] = v
-        yield rows, out
+    for batch in collate(model, zip(images, texts), batch_size=batch_size, side="left"):
+        yield batch.index, batch
 
 
 @dataclass
@@ -108,7 +83,7 @@ def generate(model: HookedVLM, images: Sequence[Any], prompts: Sequence[str], *,
     tokens: list[Tensor] = [torch.empty(0, dtype=torch.long)] * len(prompts)
     pad = getattr(tokenizer, "pad_token_id", None)
     for rows, inputs in batches(model, images, prompts, batch_size):
-        hooks = edit(model.positions(**inputs), rows) if edit is not None else []
+        hooks = edit(inputs.positions, rows) if edit is not None else []
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
         new = out[:, inputs["input_ids"].shape[1]:].cpu()
         for b, i in enumerate(rows):
@@ -214,7 +189,7 @@ def first_token(model: HookedVLM, images: Sequence[Any], questions: Sequence[str
                                           torch.zeros(len(images)), [])
     texts = [""] * len(images)
     for rows, inputs in batches(model, images, [prompt(model, q, suffix) for q in questions], batch_size):
-        positions = model.positions(**inputs)
+        positions = inputs.positions
         hooks = edit(positions, rows) if edit is not None else []
         logits = model.run_with_hooks(**inputs, fwd_hooks=hooks)
         at = logits[torch.arange(logits.shape[0], device=logits.device), positions.last.to(logits.device)]

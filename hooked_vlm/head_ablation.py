@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import interventions, metrics
 from .arguments import strict
+from .data.collate import batch_rows, check_batch_size, split
 from .models.base import HookedVLM
 
 Head = tuple[int, int]  # (layer, head)
@@ -68,7 +69,7 @@ class Unablated:
     the answer under the policy, read at `position`), per example `prob` (float64, CPU) and `correct` (bool, CPU)."""
 
     inputs: Mapping[str, Any]
-    answers: metrics.AnswerIds
+    answers: metrics.AnswerIds | metrics.AnswerTable
     position: metrics.Position
     metric: metrics.Metric
     examples: Tensor
@@ -77,17 +78,45 @@ class Unablated:
 
 
 def unablated_runs(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[Batch], answer: metrics.AnswerIds | None,
-                   position: metrics.Position | str, policy: str, where: str) -> Iterator[Unablated]:
-    """The unablated run of each batch (`batches_of`), its metric checked to be finite."""
-    for inputs_i, answers in batches_of(inputs, answer, where):
-        pos = positions_of(model, inputs_i, position)
-        metric = metrics.answer_prob(answers, policy, pos)
-        with torch.no_grad():
-            logits = model(**inputs_i)
-        examples = torch.arange(logits.shape[0], device=logits.device)
-        prob = metrics.evaluate(metric, logits, examples, where).double().cpu()  # [B]
-        metrics.check_finite(prob, "the unablated run's examples")
-        yield Unablated(inputs_i, answers, pos, metric, examples, prob, metrics.correct(logits, answers, pos).cpu())
+                   position: metrics.Position | str, policy: str, where: str, batch_size: int | None = None
+                   ) -> Iterator[Unablated]:
+    """The unablated run of each batch (`batches_of`), its metric checked to be finite; with `batch_size`, each
+    batch is split into chunks of at most that many examples (their answers and positions with them), one run per
+    chunk, so that sums over the runs equal those over the whole batch."""
+    check_batch_size(batch_size)
+    for inputs_b, answers_b in batches_of(inputs, answer, where):
+        for inputs_i, answers, pos in _chunks(model, inputs_b, answers_b, position, batch_size):
+            metric = metrics.answer_prob(answers, policy, pos)
+            with torch.no_grad():
+                logits = model(**inputs_i)
+            examples = torch.arange(logits.shape[0], device=logits.device)
+            prob = metrics.evaluate(metric, logits, examples, where).double().cpu()  # [B]
+            metrics.check_finite(prob, "the unablated run's examples")
+            yield Unablated(inputs_i, answers, pos, metric, examples, prob,
+                            metrics.correct(logits, answers, pos).cpu())
+
+
+def _chunks(model: HookedVLM, inputs: Mapping[str, Any], answers: metrics.AnswerIds, position: metrics.Position | str,
+            batch_size: int | None) -> Iterator[tuple[Mapping[str, Any], Any, metrics.Position]]:
+    """(inputs, answers, position) of each chunk of at most `batch_size` examples of one batch (None: the batch as
+    it is). Per-example answers and positions are split with the inputs; a shared one is kept."""
+    n = batch_rows(inputs)
+    if batch_size is None or batch_size >= n:
+        yield inputs, answers, positions_of(model, inputs, position)
+        return
+    table = metrics.answer_table(answers)
+    if not table.shared and len(table) != n:
+        raise ValueError(f"answers: {len(table)} given, but the batch has {n} examples; give one per example (or a "
+                         "single answer for all)")
+    per_example = not isinstance(position, (str, int)) and torch.as_tensor(position).ndim == 1
+    if per_example and len(position) != n:
+        raise ValueError(f"position: {len(position)} values given, but the batch has {n} examples; give one per "
+                         "example (or a single int for all)")
+    for rows, chunk in split(inputs, batch_size):
+        sub = table if table.shared else metrics.AnswerTable(table.ids[rows.start:rows.stop],
+                                                             table.mask[rows.start:rows.stop], shared=False)
+        pos = torch.as_tensor(position)[rows.start:rows.stop] if per_example else position
+        yield chunk, sub, positions_of(model, chunk, pos)
 
 
 @strict
@@ -147,7 +176,8 @@ def head_set_ablation(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[tup
                       random_k: int = 10, random_trials: int = 5, seed: int = 42,
                       mode: Literal["zero", "mean", "mean_of_others", "resample"] = "zero", tower: str = "lm",
                       attention: Literal["attn", "cross_attn"] = "attn", position: metrics.Position | str = -1,
-                      policy: str = "first", means: Mapping[str, Tensor] | None = None) -> SetAblation:
+                      policy: str = "first", means: Mapping[str, Tensor] | None = None,
+                      batch_size: int | None = None) -> SetAblation:
     """Ablate each set of heads at once (`interventions.ablate_heads`, every position; `mode="zero"` as V-SEAM)
     and compare with the unablated model: accuracy (the top token at `position` is one of the answer's sub-tokens)
     and the mean change of P(answer) (`policy`, see `metrics.answer_prob`; V-SEAM: the first sub-token).
@@ -157,6 +187,9 @@ def head_set_ablation(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[tup
     sets of `random_k` heads (`random_head_sets(..., seed=seed)`; 0 trials: none). `inputs`, `answer`: one batch
     and its answers, or an iterable of `(inputs, answers)` batches streamed once (answer=None). `position`: an
     int, one per example, or "last". Returns the table (`SetAblation`), one forward per condition and batch.
+    `batch_size`: the most examples per forward; larger batches are split (their answers and positions with them)
+    and the counts summed, so the table equals one batch holding every example (None: each batch as given).
+    `mode="resample"` draws from the other examples of a forward's batch, so it refuses a split.
     """
     if policy not in metrics.ANSWER_POLICIES:
         raise ValueError(f"policy must be one of {', '.join(metrics.ANSWER_POLICIES)}, got {policy!r}")
@@ -173,9 +206,13 @@ def head_set_ablation(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[tup
     # every set checked (layers, heads, means) before any forward
     hooks = {name: interventions.ablate_heads(model, heads, mode=mode, tower=tower, attention=attention,
                                               means=means, seed=seed) for name, heads in conditions.items()}
+    check_batch_size(batch_size)
     totals = {name: torch.zeros(3, dtype=torch.float64) for name in ["baseline", *conditions]}  # correct, P, drop
     n = 0
-    for run in unablated_runs(model, inputs, answer, position, policy, "head_set_ablation"):
+    batches = batches_of(inputs, answer, "head_set_ablation")
+    if mode == "resample" and batch_size is not None:
+        batches = _unsplit(batches, batch_size)
+    for run in unablated_runs(model, batches, None, position, policy, "head_set_ablation", batch_size):
         base = run.prob
         totals["baseline"] += torch.stack([run.correct.sum().double(), base.sum(), torch.zeros((), dtype=torch.float64)])
         for name, hook_list in hooks.items():
@@ -199,3 +236,14 @@ def head_set_ablation(model: HookedVLM, inputs: Mapping[str, Any] | Iterable[tup
                      "mean_prob": float(mean[1]), "mean_drop": float(mean[2]), "std_accuracy": float(std[0]),
                      "std_drop": float(std[2]), "trials": len(trials)})
     return SetAblation(rows, n, mode, trials)
+
+
+def _unsplit(batches: Iterable[Batch], batch_size: int) -> Iterator[Batch]:
+    """The batches, each refused if `batch_size` would split it (a resampled head takes another example of the
+    same forward's batch: splitting would change the draws)."""
+    for inputs, answers in batches:
+        if batch_rows(inputs) > batch_size:
+            raise ValueError(f"mode='resample' draws each head's values from another example of the batch, so a "
+                             f"batch of {batch_rows(inputs)} cannot be split into batch_size={batch_size}: pass "
+                             "batch_size=None (or at least the batch's size), or another mode")
+        yield inputs, answers

@@ -18,8 +18,10 @@ found by name among the classes registered as they are defined (`register_model`
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +109,22 @@ def _finish(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, or
     load_converted(model, state, source)
     model.hf_origin, model.processor = origin, processor
     model.eval()
-    if device_map is not None:
+    if device_map is not None:  # each tensor was read in its dtype already
         return dispatch(model, device_map, offload_dir=offload_dir)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    for name in float32_names(model.cfg, state, dtype):  # from the source's precision, not the float16 copy
+        param = model.get_parameter(name)
+        param.data = state[name].to(device=param.device, dtype=torch.float32)
+    return model
+
+
+def float32_names(cfg: Any, names: Iterable[str], dtype: torch.dtype | None) -> set[str]:
+    """Which of `names` a load in `dtype` keeps in float32: the config's `keep_in_float32` patterns (set by the
+    converter from HF's `_keep_in_fp32_modules`), for float16 only, as `PreTrainedModel._get_dtype_plan` does."""
+    patterns = getattr(cfg, "keep_in_float32", ())  # families that HF keeps nothing of have no such field
+    if dtype != torch.float16 or not patterns:
+        return set()
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 
 # ---------------------------------------------------------------------------------------------- from transformers
@@ -189,7 +204,10 @@ def _load_hooked(path: Path, *, device: torch.device | str | None, dtype: torch.
     def target(name: str) -> torch.device | str:
         return device_for(name, device_map) if device_map is not None else device or "cpu"
 
-    state, unused = serialization.read_tensors(path, meta, files, dtype, target)
+    kept = float32_names(cfg, model.state_dict(), dtype)
+    state, unused = serialization.read_tensors(path, meta, files, None if kept else dtype, target)
+    if kept:  # read as stored, so that the float32-kept tensors are not rounded through float16 first
+        state = {n: t.to(torch.float32 if n in kept else dtype) for n, t in state.items()}
     origin = meta.get("hf_origin")
     origin = HFOrigin(origin["hf_class"], origin["config"], unused) if origin is not None else None
     return _finish(model, state, source=str(path), origin=origin, processor=serialization.load_processor(path),
@@ -207,10 +225,11 @@ def _load_streamed(folder: Path, *, device: torch.device | str | None, dtype: to
         dtype = dtype or ckpt.default_dtype()
         model = _empty(hooked_class(ckpt.converter), cfg)
         device_map = _placement(model, device_map, dtype, max_memory)
+        kept = float32_names(cfg, plan.recipes, dtype)
         state, viewed = {}, set()
         for name in plan.recipes:
             target = device_for(name, device_map) if device_map is not None else device
-            t = ckpt.build(plan.recipes[name], dtype, target or "cpu")
+            t = ckpt.build(plan.recipes[name], torch.float32 if name in kept else dtype, target or "cpu")
             if t.device.type == "cpu":  # one stored tensor viewed by two parameters (T5's shared embedding in both
                 ptr = t.untyped_storage().data_ptr()  # stacks): each parameter gets memory of its own, as in from_hf
                 t = t.clone() if ptr in viewed else t

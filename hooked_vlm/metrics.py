@@ -3,11 +3,18 @@
 A metric is called as `metric(logits, examples)`: `logits` [N, T, V] (or [N, V]) holds N rows, and `examples` [N]
 says which example of the caller's batch each row belongs to (a sweep stacks several variants of every example),
 so per-example token ids and positions are looked up per row.
+
+A sweep that splits its examples into chunks (`batch_size` below the number of examples) passes each chunk's rows
+with their indices in the whole batch (example 5 of 8 is 5 in every chunk), and says how many examples the whole
+batch has while the metric runs (`evaluate(..., n_examples=8)`): `n_examples(examples)` reads it, so `per_row` and
+the answer tables check a per-example list against the whole batch, not against the examples a chunk happens to
+hold. Outside a sweep the count is max(examples) + 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -20,7 +27,19 @@ Metric = Callable[[Tensor, Tensor], Tensor]
 TokenIds = int | Sequence[int] | Tensor
 Position = int | Sequence[int] | Tensor
 
+# the whole batch's example count while `evaluate` runs a metric on rows of some of its examples (a context
+# variable: each thread and context sees its own sweep's)
+_N_EXAMPLES: ContextVar[int | None] = ContextVar("hooked_vlm_metric_n_examples", default=None)
 
+
+def n_examples(examples: Int[Tensor, "N"]) -> int:
+    """How many examples the batch whose rows `examples` indexes holds: inside `evaluate(..., n_examples=n)` (a
+    sweep evaluating a chunk of its examples, with their global indices) that `n`; otherwise max(examples) + 1 (0
+    for no rows). Per-example values given to a metric must number this many."""
+    n = _N_EXAMPLES.get()
+    if n is not None:
+        return n
+    return int(examples.max()) + 1 if examples.numel() else 0
 
 
 def _word_pieces(tokenizer, word: str) -> tuple[list[int], list[str]]:
@@ -87,7 +106,11 @@ def per_row(value: TokenIds | Position, examples: Int[Tensor, "N"], what: str = 
             ) -> Int[Tensor, "N"]:
     """`value` for each row of a stacked batch: an int (the same for every example) or one int per example,
     looked up by `examples` (row -> example, as a metric receives it). With `size`, each must lie in
-    range(-size, size). For writing metrics with per-example token ids or positions."""
+    range(-size, size). For writing metrics with per-example token ids or positions.
+
+    A per-example list must hold one value per example of the whole batch, `n_examples(examples)`: inside a sweep
+    that splits its examples into chunks, the rows of a chunk hold global indices (examples 4..7 of 8) and the count
+    is the whole batch's (8), so a list of the wrong length is an error in every chunk, not only in the last."""
     t = torch.as_tensor(value, device=examples.device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what}={value!r:.80} is not an int or one int per example ({t.dtype})")
@@ -96,7 +119,7 @@ def per_row(value: TokenIds | Position, examples: Int[Tensor, "N"], what: str = 
     else:
         if t.ndim != 1:
             raise ValueError(f"{what}: expected an int or one int per example, got shape {tuple(t.shape)}")
-        n = int(examples.max()) + 1 if examples.numel() else 0
+        n = n_examples(examples)
         if t.shape[0] != n:
             raise ValueError(f"{what}: {t.shape[0]} values given, but the batch has {n} examples; give one per "
                              "example (or a single int for all)")
@@ -190,9 +213,9 @@ class AnswerTable:
             n = examples.shape[0]
             pick = lambda t: t.to(examples.device).expand(n, *t.shape[1:])  # noqa: E731
         else:
-            n_examples = int(examples.max()) + 1 if examples.numel() else 0
-            if n_examples != len(self):
-                raise ValueError(f"answers: {len(self)} given, but the batch has {n_examples} examples; give one per "
+            n = n_examples(examples)
+            if n != len(self):
+                raise ValueError(f"answers: {len(self)} given, but the batch has {n} examples; give one per "
                                  "example (or a single answer for all)")
             pick = lambda t: t.to(examples.device)[examples]  # noqa: E731
         return pick(self.ids), pick(self.mask), pick(self.unique), pick(self.lengths)
@@ -319,9 +342,24 @@ def correct(logits: Float[Tensor, "B *T V"], answers: AnswerIds | AnswerTable, p
     return ((ids == top[:, None]) & mask).any(1)
 
 
-def evaluate(metric: Metric, logits: Tensor, examples: Int[Tensor, "N"], where: str) -> Float[Tensor, "N"]:
-    """`metric(logits, examples)`, checked to be one number per row (the sweeps stack variants along the batch)."""
-    values = metric(logits, examples)
+def evaluate(metric: Metric, logits: Tensor, examples: Int[Tensor, "N"], where: str,
+             n_examples: int | None = None) -> Float[Tensor, "N"]:
+    """`metric(logits, examples)`, checked to be one number per row (the sweeps stack variants along the batch).
+
+    `n_examples`: the whole batch's example count when the rows hold only some of its examples (a chunk of a
+    sweep; `examples` are then indices in the whole batch): `n_examples(examples)` and so `per_row` read it while
+    the metric runs."""
+    if n_examples is None:
+        values = metric(logits, examples)
+    else:
+        if examples.numel() and not 0 <= int(examples.min()) <= int(examples.max()) < n_examples:
+            raise ValueError(f"rows of examples {int(examples.min())}..{int(examples.max())} are not examples of a "
+                             f"batch of {n_examples}")
+        token = _N_EXAMPLES.set(n_examples)
+        try:
+            values = metric(logits, examples)
+        finally:
+            _N_EXAMPLES.reset(token)
     n = examples.shape[0]
     if not isinstance(values, Tensor):
         raise TypeError(f"the metric of {where} returned a {type(values).__name__}: it must return a tensor with "
@@ -332,24 +370,29 @@ def evaluate(metric: Metric, logits: Tensor, examples: Int[Tensor, "N"], where: 
     return values
 
 
-def check_finite(values: Tensor, what: str) -> None:
+def check_finite(values: Tensor, what: str, examples: Tensor | None = None) -> None:
     """Raise if a metric came out NaN or infinite (a half-precision overflow, a log of 0): averaged into a sweep, it
-    would turn the result into NaN with no word of why."""
+    would turn the result into NaN with no word of why. `examples`: the index of each value's example in the whole
+    batch, for the message (None: its position in `values`)."""
     bad = ~torch.isfinite(values)
     if bad.any():
-        rows = bad.nonzero().flatten().tolist()
+        rows = bad.nonzero().flatten()
+        rows = (rows if examples is None else examples.cpu()[rows.cpu()]).tolist()
         raise ValueError(f"the metric is {values[bad][0].item()} for {what} {rows[:8]}: check the model's dtype "
                          "(float16 overflows; try float32) and the metric (a log of a zero probability)")
 
 
-def check_normalizable(clean: Float[Tensor, "B"], corrupt: Float[Tensor, "B"]) -> None:
+def check_normalizable(clean: Float[Tensor, "B"], corrupt: Float[Tensor, "B"], examples: Tensor | None = None
+                       ) -> None:
     """Raise if some example's clean and corrupted metrics are equal (within rounding): normalising divides by
-    their difference, which would give +-inf or NaN for that example."""
+    their difference, which would give +-inf or NaN for that example. `examples`: each value's index in the whole
+    batch, for the message (None: its position)."""
     clean, corrupt = clean.float(), corrupt.float()
     tol = 1e-6 * torch.maximum(clean.abs(), corrupt.abs()).clamp(min=1e-30)
     equal = ((clean - corrupt).abs() <= tol).nonzero().flatten().tolist()
     if equal:
-        raise ValueError(f"normalize=True, but examples {equal[:8]} have equal clean and corrupted metrics "
+        named = equal if examples is None else examples.cpu()[equal].tolist()
+        raise ValueError(f"normalize=True, but examples {named[:8]} have equal clean and corrupted metrics "
                          f"({clean[equal[0]].item():.6g}), so their normalised effect is undefined: drop those "
                          "examples (the corruption does not change the metric) or pass normalize=False")
 

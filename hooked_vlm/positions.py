@@ -84,6 +84,15 @@ class Positions:
         return torch.where(self.attention_mask.bool(), idx, -1).max(dim=1).values
 
     @property
+    def image_mask(self) -> Bool[Tensor, "B T"]:
+        """True at the positions of every image span (on the CPU)."""
+        mask = torch.zeros(self.input_ids.shape, dtype=torch.bool)
+        for b, spans in enumerate(self.image):
+            for span in spans:
+                mask[b, span.start:span.stop] = True
+        return mask
+
+    @property
     def text(self) -> list[Tensor]:
         """Per example, the positions of real tokens that are not image tokens."""
         out = []

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .arguments import as_dtype, reject_unknown
+from . import processors
 from .shards import Entry, ShardReader, inside, write_shards
 
 CONFIG_NAME = "hooked_vlm_config.json"
@@ -445,12 +446,36 @@ def shard_files(path: Path, meta: dict[str, Any]) -> list[Path]:
 
 
 def load_processor(folder: Path) -> Any:
-    """The processor saved in a folder (tokenizer and image processor files), or None if it holds none."""
+    """The processor saved in a folder (tokenizer and image processor files), or None if it holds none.
+
+    A Qwen2-VL processor is built from its image processor and tokenizer where torchvision (which HF's video
+    processor needs) is missing (`processors.load_qwen2_vl_processor`). A folder with an image processor whose
+    processor loads without one raises rather than handing back the tokenizer alone."""
+    folder = Path(folder)
     if not (any(folder.glob("*processor*")) or any(folder.glob("tokenizer*"))):
         return None
     from transformers import AutoProcessor  # here: `import hooked_vlm` does not load transformers
 
-    return AutoProcessor.from_pretrained(folder)
+    if processors.is_qwen2_vl_processor_folder(folder):
+        try:
+            processor = processors.load_qwen2_vl_processor(folder)
+        except Exception as error:
+            raise ValueError(f"{folder} holds a Qwen2-VL processor that could not be built ({error}); install "
+                             "torchvision matching your torch (HF's processor needs it for videos), or check the "
+                             "folder's tokenizer and processor_config.json") from error
+    else:
+        processor = AutoProcessor.from_pretrained(folder)
+    has_images = any(folder.glob("preprocessor_config.json")) or "image_processor" in _json_keys(
+        folder / "processor_config.json")
+    if has_images and getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"{folder} holds an image processor, but transformers' AutoProcessor built only a "
+                         f"{type(processor).__name__} from it: the processor class it names is missing (install the "
+                         "package it needs) or unknown; load it yourself and pass processor=...")
+    return processor
+
+
+def _json_keys(path: Path) -> set[str]:
+    return set(json.loads(path.read_text())) if path.is_file() else set()
 
 
 def read_tensors(path: Path, meta: dict[str, Any], files: list[Path], dtype: torch.dtype | None,

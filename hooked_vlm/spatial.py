@@ -7,6 +7,9 @@ of the image's tokens; and the high-norm ("register") image tokens.
     patches = spatial.object_patches(mask, geometry, grid=24, buffer=1)      # [24, 24] bool, dilated by one patch
     where = spatial.patch_positions(model.positions(**inputs).image[0][0], patches)  # LM positions of those tokens
 
+Qwen2-VL's processor sets each image's grid (its merged grid of LM tokens) from the image's size, and the geometry
+carries it: `spatial.object_patches(mask, spatial.processor_geometry(model.processor, image.size))`, no `grid`.
+
 A patch is the object's if any of its area overlaps the object (`min_coverage=0`), as Neo et al.'s released code
 selects patches (`pycocotools.mask.iou(patch, object) > 0`: any shared pixel). Their code maps the mask onto the grid
 by its own square crop of the original image with integer patches of `side // 24` pixels; `neo_object_patches`
@@ -39,18 +42,36 @@ __all__ = ["ImageGeometry", "processor_geometry", "annotation_mask", "polygon_ma
 class ImageGeometry:
     """How a processor turns an image of `size` (width, height) into the model's input: resized to `resized`
     (width, height), then the window `crop` = (left, top, width, height) of the resized image is kept (the model
-    sees `crop[2]` x `crop[3]` pixels). A window reaching past the resized image is zero padding there."""
+    sees `crop[2]` x `crop[3]` pixels). A window reaching past the resized image is zero padding there.
+
+    `grid`: the image's token grid (rows, cols) where the processor sets it per image (Qwen2-VL: the merged grid,
+    one LM token per `patch * merge` pixels square), so the functions below need no `grid` argument; None where
+    the model fixes it (LLaVA-1.5: pass grid=24)."""
 
     size: tuple[int, int]
     resized: tuple[int, int]
     crop: tuple[int, int, int, int]
+    grid: tuple[int, int] | None = None
 
-    def patch_box(self, row: int, col: int, grid: int) -> tuple[float, float, float, float]:
-        """The area of patch (row, col) of a `grid` x `grid` patch grid in the original image's continuous pixel
-        coordinates (x0, y0, x1, y1): pixel (i, j) covers [j, j+1) x [i, i+1), as PIL's resize maps them."""
+    def grid_shape(self, grid: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """(rows, cols) of the token grid: `grid` (an int: square) or, if None, the geometry's own."""
+        grid = self.grid if grid is None else grid
+        if grid is None:
+            raise ValueError("this geometry has no token grid of its own (the processor's grid is fixed by the "
+                             "model): pass grid, e.g. grid=24 for LLaVA-1.5's 336 / 14 patches")
+        rows, cols = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+        if rows <= 0 or cols <= 0:
+            raise ValueError(f"grid {grid!r} must be positive (rows, cols)")
+        return rows, cols
+
+    def patch_box(self, row: int, col: int, grid: int | tuple[int, int] | None = None
+                  ) -> tuple[float, float, float, float]:
+        """The area of patch (row, col) of the token grid (`grid_shape(grid)`) in the original image's continuous
+        pixel coordinates (x0, y0, x1, y1): pixel (i, j) covers [j, j+1) x [i, i+1), as PIL's resize maps them."""
         left, top, width, height = self.crop
         sx, sy = self.size[0] / self.resized[0], self.size[1] / self.resized[1]
-        pw, ph = width / grid, height / grid
+        rows, cols = self.grid_shape(grid)
+        pw, ph = width / cols, height / rows
         return ((left + col * pw) * sx, (top + row * ph) * sy, (left + (col + 1) * pw) * sx,
                 (top + (row + 1) * ph) * sy)
 
@@ -74,12 +95,19 @@ def processor_geometry(processor: Any, size: tuple[int, int]) -> ImageGeometry:
     - `do_center_crop` with `crop_size={"height": ch, "width": cw}`: the window at top `(H' - ch) // 2`, left
       `(W' - cw) // 2` of the resized image (HF's `center_crop`; a negative offset is zero padding).
 
+    - Qwen2-VL / Qwen2.5-VL (an image processor with `patch_size` and `merge_size`): HF's `smart_resize`, each
+      side rounded to a multiple of `patch_size * merge_size`, rescaled within `size={"shortest_edge": min_pixels,
+      "longest_edge": max_pixels}` (total pixels), no crop; `grid` is the merged grid (rows, cols) of LM tokens,
+      `image_grid_thw[1:] // merge_size`.
+
     Other resize modes (`longest_edge`, `max_height`, padding to a square) are refused rather than guessed.
     """
     image_processor = getattr(processor, "image_processor", processor)
     width, height = (int(v) for v in size)
     if width <= 0 or height <= 0:
         raise ValueError(f"image size {size} must be (width, height) in pixels, both positive")
+    if getattr(image_processor, "merge_size", None) and getattr(image_processor, "patch_size", None):
+        return _merged_patch_geometry(image_processor, width, height)
     resized = (width, height)
     if getattr(image_processor, "do_resize", True):
         setting = getattr(image_processor, "size", None)
@@ -95,8 +123,8 @@ def processor_geometry(processor: Any, size: tuple[int, int]) -> ImageGeometry:
         else:
             raise ValueError(f"processor_geometry: the resize setting {setting!r} of "
                              f"{type(image_processor).__name__} is not supported (shortest_edge alone, as CLIP's, or "
-                             "height and width, as BLIP's): pass the processor of a LLaVA-1.5, BLIP or InstructBLIP "
-                             "model")
+                             "height and width, as BLIP's): pass the processor of a LLaVA-1.5, BLIP, InstructBLIP or "
+                             "Qwen2-VL model")
     if getattr(image_processor, "do_pad", False):
         raise ValueError(f"processor_geometry: {type(image_processor).__name__} pads images (do_pad=True), which "
                          "moves the patches in a way this mapping does not follow; set do_pad=False or pass the "
@@ -110,6 +138,36 @@ def processor_geometry(processor: Any, size: tuple[int, int]) -> ImageGeometry:
                              "processor a crop_size {'height': H, 'width': W}")
         crop = ((resized[0] - int(cw)) // 2, (resized[1] - int(ch)) // 2, int(cw), int(ch))
     return ImageGeometry((width, height), resized, crop)
+
+
+def _merged_patch_geometry(image_processor: Any, width: int, height: int) -> ImageGeometry:
+    """Qwen2-VL's image processor: HF's `smart_resize` (models/qwen2_vl/image_processing_qwen2_vl.py), written
+    out: sides rounded (Python's round, half to even) to multiples of factor = patch * merge; above `longest_edge`
+    total pixels both shrink by sqrt(area / max) and round down, below `shortest_edge` both grow and round up."""
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    if getattr(image_processor, "do_resize", True):
+        setting = getattr(image_processor, "size", None)
+        min_pixels, max_pixels = _field(setting, "shortest_edge"), _field(setting, "longest_edge")
+        if not min_pixels or not max_pixels:
+            raise ValueError(f"processor_geometry: {type(image_processor).__name__}'s size {setting!r} needs "
+                             "'shortest_edge' (min pixels) and 'longest_edge' (max pixels), as HF's Qwen2-VL "
+                             "processor has")
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(f"image size {(width, height)}: the processor refuses aspect ratios above 200")
+        h, w = round(height / factor) * factor, round(width / factor) * factor
+        if h * w > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            h = max(factor, math.floor(height / beta / factor) * factor)
+            w = max(factor, math.floor(width / beta / factor) * factor)
+        elif h * w < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    else:
+        h, w = height, width
+        if h % factor or w % factor:
+            raise ValueError(f"processor_geometry: do_resize=False needs an image whose sides are multiples of "
+                             f"patch_size * merge_size = {factor}, got {width} x {height}")
+    return ImageGeometry((width, height), (w, h), (0, 0, w, h), grid=(h // factor, w // factor))
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -208,24 +266,27 @@ def _overlaps(lo: Tensor, hi: Tensor, n: int) -> Tensor:
     return torch.where(w > 1e-6, w, torch.zeros(()))
 
 
-def patch_coverage(mask: Tensor | np.ndarray, geometry: ImageGeometry, grid: int) -> Float[Tensor, "grid grid"]:
+def patch_coverage(mask: Tensor | np.ndarray, geometry: ImageGeometry, grid: int | tuple[int, int] | None = None
+                   ) -> Float[Tensor, "rows cols"]:
     """The fraction of each patch's area that the object covers: `mask` [H, W] (0/1, or per-pixel fractions) over
-    the original image, each patch of the model's `grid` x `grid` grid mapped back through `geometry` (area
-    weighted; padding counts as background)."""
+    the original image, each patch of the model's token grid (`grid`: an int for a square grid, (rows, cols), or
+    None for the geometry's own, as Qwen2-VL's) mapped back through `geometry` (area weighted; padding counts as
+    background)."""
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask).double()
     W, H = geometry.size
     if tuple(mask.shape) != (H, W):
         raise ValueError(f"mask is {tuple(mask.shape)} but the image is {H} x {W} (height x width)")
     left, top, width, height = geometry.crop
     sx, sy = W / geometry.resized[0], H / geometry.resized[1]
-    k = torch.arange(grid + 1, dtype=torch.float64)
-    xs, ys = (left + k * width / grid) * sx, (top + k * height / grid) * sy  # patch edges in original pixels
+    rows, cols = geometry.grid_shape(grid)
+    kx, ky = torch.arange(cols + 1, dtype=torch.float64), torch.arange(rows + 1, dtype=torch.float64)
+    xs, ys = (left + kx * width / cols) * sx, (top + ky * height / rows) * sy  # patch edges in original pixels
     wx, wy = _overlaps(xs[:-1], xs[1:], W), _overlaps(ys[:-1], ys[1:], H)  # [grid, W], [grid, H]
     area = (ys[1:] - ys[:-1])[:, None] * (xs[1:] - xs[:-1])[None, :]
     return (wy @ mask @ wx.T / area).float()
 
 
-def dilate(patches: Bool[Tensor, "grid grid"], buffer: int) -> Bool[Tensor, "grid grid"]:
+def dilate(patches: Bool[Tensor, "rows cols"], buffer: int) -> Bool[Tensor, "rows cols"]:
     """The patches within `buffer` patches of a selected one, diagonals included (Chebyshev distance): Neo et al.'s
     buffer, which adds the 8 neighbours of every patch `buffer` times."""
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
@@ -236,10 +297,10 @@ def dilate(patches: Bool[Tensor, "grid grid"], buffer: int) -> Bool[Tensor, "gri
     return F.max_pool2d(x, 2 * buffer + 1, stride=1, padding=buffer)[0, 0] > 0
 
 
-def object_patches(mask: Tensor | np.ndarray, geometry: ImageGeometry, grid: int, *, buffer: int = 0,
-                   min_coverage: float = 0.0) -> Bool[Tensor, "grid grid"]:
+def object_patches(mask: Tensor | np.ndarray, geometry: ImageGeometry, grid: int | tuple[int, int] | None = None, *,
+                   buffer: int = 0, min_coverage: float = 0.0) -> Bool[Tensor, "rows cols"]:
     """The patches showing the object: coverage above `min_coverage` (0: any overlap, the authors' rule for a
-    partly covered patch), then dilated by `buffer` patches."""
+    partly covered patch), then dilated by `buffer` patches. `grid` as in `patch_coverage`."""
     return dilate(patch_coverage(mask, geometry, grid) > min_coverage, buffer)
 
 
@@ -266,28 +327,28 @@ def neo_object_patches(annotation: Mapping[str, Any], size: tuple[int, int], gri
 
 
 # ------------------------------------------------------------------------------------------ patches -> positions
-def _grid_mask(patches: Tensor | Sequence[int], grid: int) -> Tensor:
+def _grid_mask(patches: Tensor | Sequence[int], rows: int, cols: int) -> Tensor:
     t = torch.as_tensor(patches)
     if t.dtype == torch.bool:
         if t.ndim != 2:
-            raise ValueError(f"a patch mask must be [grid, grid], got shape {tuple(t.shape)}")
+            raise ValueError(f"a patch mask must be [rows, cols], got shape {tuple(t.shape)}")
         return t
-    flat = torch.zeros(grid * grid, dtype=torch.bool)
-    flat[t.long().flatten()] = True  # row-major patch indices r * grid + c
-    return flat.view(grid, grid)
+    flat = torch.zeros(rows * cols, dtype=torch.bool)
+    flat[t.long().flatten()] = True  # row-major patch indices r * cols + c
+    return flat.view(rows, cols)
 
 
 def patch_positions(span: ImageSpan, patches: Tensor | Sequence[int]) -> Tensor:
-    """The sequence positions of the image tokens of `span` that show the given patches: a [grid, grid] bool mask
-    or row-major patch indices (r * grid + c). Positions come from the span's own patch labels, never from an
-    assumed offset."""
+    """The sequence positions of the image tokens of `span` that show the given patches: a [rows, cols] bool mask
+    or row-major patch indices (r * cols + c), rows and cols the span's grid (Qwen2-VL: each image's merged grid).
+    Positions come from the span's own patch labels, never from an assumed offset."""
     is_patch = span.rows >= 0
-    grid = int(span.rows.max()) + 1 if is_patch.any() else 0
-    if grid == 0:
+    if not is_patch.any():
         raise ValueError("this image span has no patch tokens (e.g. InstructBLIP's queries): patches have no position")
-    mask = _grid_mask(patches, grid)
-    if tuple(mask.shape) != (grid, grid):
-        raise ValueError(f"the patch mask is {tuple(mask.shape)} but the image has a {grid} x {grid} grid")
+    rows, cols = int(span.rows.max()) + 1, int(span.cols.max()) + 1
+    mask = _grid_mask(patches, rows, cols)
+    if tuple(mask.shape) != (rows, cols):
+        raise ValueError(f"the patch mask is {tuple(mask.shape)} but the image has a {rows} x {cols} grid")
     keep = torch.zeros_like(is_patch)
     keep[is_patch] = mask[span.rows[is_patch], span.cols[is_patch]]
     return span.indices[keep]
@@ -323,12 +384,12 @@ def register_tokens(embeddings: Float[Tensor, "B T D"], positions: Positions, *,
 
 
 # ------------------------------------------------------------------------------------------ pixel-space control
-def noise_patches(image: Image.Image, patches: Bool[Tensor, "grid grid"], geometry: ImageGeometry, *,
+def noise_patches(image: Image.Image, patches: Bool[Tensor, "rows cols"], geometry: ImageGeometry, *,
                   seed: int = 0) -> Image.Image:
     """A copy of `image` whose pixels under the given patches (as the processor maps them, `geometry`) are
     replaced by uniform noise (seeded): Neo et al.'s pixel-space control, which noises the object's patches of the
     image itself before the model sees it (`replace_image_regions_with_patches`, on their own square crop)."""
-    grid = patches.shape[0]
+    grid = tuple(patches.shape)
     pixels = np.array(image.convert("RGB"))
     rng = np.random.default_rng(seed)
     H, W = pixels.shape[:2]

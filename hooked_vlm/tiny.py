@@ -16,9 +16,11 @@ Builders (each returns ``(hf_model, processor)``, model in eval mode, float32, e
 * :func:`build_llava` -- ``LlavaForConditionalGeneration`` (CLIP + projector + Llama) + ``LlavaProcessor``
 * :func:`build_instructblip` -- ``InstructBlipForConditionalGeneration`` with a Llama or T5 LM +
   ``InstructBlipProcessor``
-* :func:`build_llava_real_shapes`, :func:`build_blip_vqa_real_shapes`, :func:`build_instructblip_real_shapes` --
-  the real checkpoints' widths, heads, vocabularies, token ids and processor settings, with the LMs (and EVA's
-  39 layers) cut to a few layers; ``meta=True`` builds them on the meta device (shapes only, no memory)
+* :func:`build_llava_phi` -- ``LlavaForConditionalGeneration`` with a Phi-2 or Phi-3 LM + ``LlavaProcessor``
+* :func:`build_llava_real_shapes`, :func:`build_blip_vqa_real_shapes`, :func:`build_instructblip_real_shapes`,
+  :func:`build_instructblip_flan_t5_real_shapes` -- the real checkpoints' widths, heads, vocabularies, token ids and
+  processor settings, with the LMs (and EVA's 39 layers) cut to a few layers; ``meta=True`` builds them on the meta
+  device (shapes only, no memory)
 
 By default every parameter is overwritten by :func:`randomize_parameters_`: HF's own init leaves
 LayerNorms at 1/0, biases at 0 and InstructBLIP's ``query_tokens`` at exactly 0, which hides bugs such
@@ -64,6 +66,8 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import AddedToken
 
+from .processors import qwen2_vl_processor
+
 __all__ = [
     "WORDS",
     "SENTENCES",
@@ -78,6 +82,8 @@ __all__ = [
     "build_llava_real_shapes",
     "build_blip_vqa_real_shapes",
     "build_instructblip_real_shapes",
+    "build_llava_phi",
+    "build_instructblip_flan_t5_real_shapes",
 ]
 
 WORDS = (
@@ -624,3 +630,198 @@ def build_instructblip_real_shapes(seed: int = 0, randomize: bool = True, *, vis
     processor = InstructBlipProcessor(image_processor=_blip_image_processor(224), tokenizer=lm_tok,
                                       qformer_tokenizer=qf_tok, num_query_tokens=32)
     return model, processor
+
+
+# ----------------------------------------------------------------------------------------- LLaVA with Phi LMs
+def build_llava_phi(
+    lm: str = "phi",
+    seed: int = 0,
+    randomize: bool = True,
+    *,
+    lm_hidden: int = 80,
+    lm_layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    inter_mult: int = 2,
+    partial_rotary_factor: float | None = None,
+    qk_layernorm: bool = False,
+    sliding_window: int | None = None,
+    rope_parameters: dict | None = None,
+    **llava_kw: Any,
+):
+    """Tiny LLaVA whose ``text_config`` is Phi-2 (``lm="phi"``, ``PhiConfig``) or Phi-3 (``lm="phi3"``,
+    ``Phi3Config``), with :func:`build_llava`'s CLIP tower, projector, tokenizer and processor (``llava_kw``: its
+    vision options). Every parameter is randomised, LayerNorm weights and biases included.
+
+    ``partial_rotary_factor`` defaults to 0.4 for Phi-2 (Phi-2's own: with ``lm_hidden=80`` and 4 heads, 8 of each
+    head's 20 dims rotate) and 1.0 for Phi-3 (Phi-3-mini's). ``qk_layernorm`` (Phi-2 only) adds HF's per-head q/k
+    LayerNorms; ``sliding_window`` (Phi-3 only; Phi-3-mini-4k has 2047); ``rope_parameters`` replaces the rotary
+    settings entirely (e.g. a longrope dict, to check that it is refused). Returns ``(model, processor)``.
+    """
+    from transformers import Phi3Config, PhiConfig  # only this builder needs them
+
+    if lm not in ("phi", "phi3"):
+        raise ValueError(f"lm must be 'phi' (Phi-2) or 'phi3' (Phi-3), got {lm!r}")
+    # the vision side and processor of the Llama builder; its LM is replaced below
+    vision_src, processor = build_llava(seed, randomize=False, lm_layers=1, heads=heads, **llava_kw)
+    tok = processor.tokenizer
+    factor = partial_rotary_factor if partial_rotary_factor is not None else (0.4 if lm == "phi" else 1.0)
+    rope = rope_parameters or {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": factor}
+    common = dict(vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_hidden * inter_mult,
+                  num_hidden_layers=lm_layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                  max_position_embeddings=512, rope_parameters=rope, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if lm == "phi":
+        text = PhiConfig(**common, qk_layernorm=qk_layernorm, hidden_act="gelu_new")
+    else:
+        if qk_layernorm:
+            raise ValueError("qk_layernorm is a Phi-2 option; Phi-3 has none")
+        text = Phi3Config(**common, sliding_window=sliding_window, original_max_position_embeddings=512)
+    src = vision_src.config
+    cfg = LlavaConfig(vision_config=src.vision_config.to_dict(), text_config=text.to_dict(),
+                      image_token_index=src.image_token_id, image_seq_length=src.image_seq_length,
+                      vision_feature_layer=src.vision_feature_layer,
+                      vision_feature_select_strategy=src.vision_feature_select_strategy, projector_hidden_act="gelu")
+    model = _finish(_init_model(LlavaForConditionalGeneration, cfg, seed), seed, randomize)
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                       "<|video_pad|>")
+
+
+def make_qwen_tokenizer() -> LlamaTokenizer:
+    """A byte-fallback BPE (:func:`make_llama_tokenizer`) with Qwen2-VL's special tokens added (``<|image_pad|>``,
+    ``<|vision_start|>``, ...): Qwen2VLProcessor finds ``<|image_pad|>`` by name and expands it. Pads on the left."""
+    tok = make_llama_tokenizer()
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
+    return tok
+
+
+def qwen_processor(tok: LlamaTokenizer, *, patch: int, merge: int = 2, temporal: int = 2, min_pixels: int = 16 * 16,
+                   max_pixels: int = 48 * 48):
+    """``Qwen2VLProcessor`` from the PIL image processor and ``tok``, without a video processor: the default one
+    imports torchvision, which is not installed. HF's own processor code still expands each ``<|image_pad|>`` into
+    the image's merged-token count. Images are resized to multiples of ``patch * merge`` within the pixel budget."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch, merge_size=merge,
+        temporal_patch_size=temporal)
+    return qwen2_vl_processor(image_processor, tok)
+
+
+def build_qwen2_vl(
+    seed: int = 0,
+    randomize: bool = True,
+    *,
+    version: str = "2",
+    vis_hidden: int = 32,
+    lm_hidden: int = 64,
+    vis_layers: int = 3,
+    lm_layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    patch: int = 4,
+    merge: int = 2,
+    mrope_section: Sequence[int] = (2, 3, 3),
+    window_size: int = 16,
+    fullatt_block_indexes: Sequence[int] = (1,),
+):
+    """Tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``version="2.5"``) + a ``Qwen2VLProcessor`` (see
+    :func:`qwen_processor`). The LM has grouped-query heads (``kv_heads``), q/k/v biases and multimodal rotary
+    sections ``mrope_section`` (summing to d_head / 2); Qwen2.5's vision tower attends within windows of
+    ``window_size`` pixels except in ``fullatt_block_indexes``. Returns ``(model, processor)``."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    tok = make_qwen_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_hidden * 2,
+                num_hidden_layers=lm_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
+                                                              "mrope_section": list(mrope_section)},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if version == "2":
+        vision = dict(depth=vis_layers, embed_dim=vis_hidden, hidden_size=lm_hidden, num_heads=heads, mlp_ratio=2,
+                      patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=vis_layers, hidden_size=vis_hidden, out_hidden_size=lm_hidden,
+                      intermediate_size=vis_hidden * 2, num_heads=heads, patch_size=patch, spatial_merge_size=merge,
+                      temporal_patch_size=2, window_size=window_size,
+                      fullatt_block_indexes=list(fullatt_block_indexes))
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    model = _finish(_init_model(cls, cfg, seed), seed, randomize)
+    return model, qwen_processor(tok, patch=patch, merge=merge)
+
+
+# ----------------------------------------------------------------------------------------- InstructBLIP-Flan-T5-XL shapes
+def _flan_t5_tokenizer() -> T5Tokenizer:
+    """Flan-T5's layout: 32,000 Unigram pieces (pad 0, eos 1, unk 2; our words, then ``<unusedN>`` fillers that no
+    text segments into), the 100 ``<extra_id_N>`` sentinels at 32000-32099, and ``<image>`` added at 32100 (as in
+    ``Salesforce/instructblip-flan-t5-xl``'s processor). Pads on the right."""
+    pieces = _t5_pieces()
+    pieces += [(f"<unused{i}>", -100.0) for i in range(len(pieces), 32000)]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=100)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return tok
+
+
+def _t5_pieces() -> list[tuple[str, float]]:
+    # the (piece, score) list of make_t5_tokenizer, which the tokenizer does not hand back with its scores
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0 - i * 0.01) for i, w in enumerate(WORDS)]
+    return pieces + [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz?.,:"]
+
+
+def build_instructblip_flan_t5_real_shapes(seed: int = 0, randomize: bool = True, *, vis_layers: int = 2,
+                                           qf_layers: int = 12, lm_layers: int = 2, meta: bool = False):
+    """``Salesforce/instructblip-flan-t5-xl``'s shapes + ``InstructBlipProcessor``, EVA and Flan-T5 cut.
+
+    The vision tower and Q-Former as :func:`build_instructblip_real_shapes` (EVA ViT-g/14 at 224 px cut to
+    ``vis_layers``; the Q-Former in full, 32 queries); Flan-T5-XL (d_model 2048, 32 heads of d_kv 64, d_ff 5120,
+    gated-gelu, RMS eps 1e-6, 32 relative-attention buckets up to distance 128, vocabulary 32128, untied
+    ``lm_head``, no decoder-output scaling) with encoder and decoder cut to ``lm_layers`` each. Tokenizer: Flan-T5's
+    layout (:func:`_flan_t5_tokenizer`), ``<image>`` 32100 as the config's ``image_token_index``. Images are resized
+    to 224 x 224 (bicubic) and normalised with CLIP's mean and std. Returns ``(model, processor)``.
+    """
+    qf_tok = make_bert_tokenizer(add_blip_special_tokens=False, real_ids=True)
+    qf_tok.add_special_tokens({"bos_token": "[DEC]"})  # LAVIS's Q-Former tokenizer: 30523 entries
+    lm_tok = _flan_t5_tokenizer()
+    vision = InstructBlipVisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=vis_layers,
+                                      num_attention_heads=16, image_size=224, patch_size=14, layer_norm_eps=1e-6,
+                                      qkv_bias=True)
+    qformer = InstructBlipQFormerConfig(vocab_size=len(qf_tok), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=qf_layers, num_attention_heads=12,
+                                        cross_attention_frequency=2, encoder_hidden_size=1408,
+                                        max_position_embeddings=512, layer_norm_eps=1e-12,
+                                        pad_token_id=qf_tok.pad_token_id)
+    # 5.x T5Config turns tie_word_embeddings=False into scale_decoder_outputs=False (and ties; untied below)
+    text = T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=lm_layers,
+                    num_decoder_layers=lm_layers, num_heads=32, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
+                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
+    cfg = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=text.to_dict(), num_query_tokens=32,
+                             image_token_index=lm_tok.convert_tokens_to_ids("<image>"))
+    model = _init_model(InstructBlipForConditionalGeneration, cfg, seed, meta=meta)
+    # flan-t5's lm_head is its own tensor: untie it as build_instructblip does (randomised below with the rest)
+    lm = model.language_model
+    lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())
+    lm.all_tied_weights_keys.pop("lm_head.weight", None)
+    model.all_tied_weights_keys.pop("language_model.lm_head.weight", None)
+    model = _finish(model, seed, randomize and not meta, std=REAL_STD)
+    processor = InstructBlipProcessor(image_processor=_blip_image_processor(224), tokenizer=lm_tok,
+                                      qformer_tokenizer=qf_tok, num_query_tokens=32)
+    return model, processor
+
+
+__all__ += ["make_qwen_tokenizer", "qwen_processor", "build_qwen2_vl"]

@@ -43,6 +43,7 @@ class TLConfig:
     rotary_dim: int | None = None
     cross_attn_layers: tuple[int, ...] = ()  # blocks with a cross-attention
     original_architecture: str | None = None  # the HF class of the whole model this tower belongs to
+    parallel_attn_mlp: bool = False  # attention and MLP read the same norm and add to the stream together (Phi-2)
 
 
 def tl_config(tower: Tower, name: str, original_architecture: str | None = None) -> TLConfig:
@@ -84,9 +85,10 @@ def tl_config(tower: Tower, name: str, original_architecture: str | None = None)
         attn_scale=1.0 / attn.scale,
         use_attn_scale=attn.scale != 1.0,
         rotary_base=attn.rotary.base if attn.rotary is not None else None,
-        rotary_dim=attn.d_head if attn.rotary is not None else None,
+        rotary_dim=(attn.rotary.dim or attn.d_head) if attn.rotary is not None else None,  # Phi: partial
         cross_attn_layers=tuple(i for i, b in enumerate(blocks) if b.cfg.cross_attn is not None),
         original_architecture=original_architecture,
+        parallel_attn_mlp=cfg.parallel,
     )
 
 

@@ -250,3 +250,20 @@ def _layer(layer: int | str) -> int:
             raise ValueError(f"get_act_name: layer {layer!r} is not a block index")
         return int(layer)
     return layer  # type: ignore[return-value]  (names.block checks ints, refusing bools, floats and negatives)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int | None, enabled: bool, desc: str):
+    """A progress bar (total None: unknown, as over a generator), or one that shows nothing when not `enabled`."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm  # not loaded by `import hooked_vlm`
+
+    return tqdm(total=total, desc=desc, leave=False)

@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
+bash scripts/install_browser.sh  # chromium for tests/test_view_browser.py (skipped without it)
 
 rc=0
 .venv/bin/python -m pytest "$@" || rc=$?

@@ -27,6 +27,12 @@ def build(name):
     elif family == "llava":
         hf, processor = build_llava(seed=2, kv_heads=2)  # feature layer -2: one vision block unused
         text = ["USER: <image>\nwhat is this? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
+    elif family == "qwen":  # "qwen-2", "qwen-2.5" (not in FAMILIES: AutoProcessor needs torchvision for them)
+        from hooked_vlm.tiny import build_qwen2_vl
+
+        hf, processor = build_qwen2_vl(seed=2, version=kind)
+        image = "<|vision_start|><|image_pad|><|vision_end|>"
+        text = [f"{image}what is this?", f"hi {image}"]
     else:
         hf, processor = build_instructblip(kind, seed=2)
         text = ["what is in the picture?", "describe this"]
@@ -41,6 +47,8 @@ TINY_BUILDS = {
     "BlipForImageTextRetrieval": ["blip-itm"],
     "LlavaForConditionalGeneration": ["llava"],
     "InstructBlipForConditionalGeneration": ["instructblip-llama", "instructblip-t5"],
+    "Qwen2VLForConditionalGeneration": ["qwen-2"],
+    "Qwen2_5_VLForConditionalGeneration": ["qwen-2.5"],
 }
 
 

@@ -1,4 +1,4 @@
-"""Each paper's example script runs end to end on the embedded tiny models and writes its figures."""
+"""Each paper's example script runs end to end on the embedded tiny models and writes its figures and views."""
 
 from __future__ import annotations
 
@@ -16,18 +16,19 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.mark.parametrize("name,figures", [
     ("blip_causal_tracing", [f"{tower}_{name}.png" for tower in ("question_encoder", "answer_decoder")
                              for name in ("1", "2", "mean")]
-     + ["question_encoder_attention_w3.png", "question_encoder_crossattention_w3.png"]),
+     + ["question_encoder_attention_w3.png", "question_encoder_crossattention_w3.png"]
+     + [f"{tower}_{i}.html" for tower in ("question_encoder", "answer_decoder") for i in (1, 2)]),
     ("notice", [f"n3_{task}_{site}.png" for task in ("sip", "str") for site in ("resid_post", "attn_out",
                                                                                  "cross_attn_out")]
      + [f"n4_{task}_{attention}_heads.png" for task in ("sip", "str") for attention in ("cross_attn", "attn")]
-     + ["n5_universal_heads.png", "n6_overlay_1.png"]
+     + ["n5_universal_heads.png", "n6_overlay_1.png", "n6_attention.html"]
      + [f"n7_{task}_{site}.png" for task in ("sip", "str") for site in ("resid_post", "attn_out", "mlp_out",
                                                                         "attn_heads")]),
     ("neo", ["E1_mean_visual_token.png", "E2_object_ablation.png", "E3_token_sets.png",
              "E4_logit_lens_image_tokens.png", "E4_logit_lens_last_layer.png", "E4_class_localisation.png",
-             "E5_knockout.png", "E6_pixel_control.png"]),
+             "E5_knockout.png", "E6_pixel_control.png", "E4_logit_lens.html"]),
     ("vseam", ["v2_v3_group_patching.png", "v4_tokenwise_attn.png", "v4_tokenwise_mlp.png", "v5_logit_lens.png",
-               "v6_head_positive.png", "v6_head_negative.png", "v6_head_delta.png"]),
+               "v6_head_positive.png", "v6_head_negative.png", "v6_head_delta.png", "v6_head_delta.html"]),
 ])
 def test_example_runs(name, figures, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))

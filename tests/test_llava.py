@@ -9,6 +9,7 @@ import torch
 
 from hooked_vlm import HookedLlava, HookedVLM
 from hooked_vlm.tiny import build_llava, random_image
+from lm_parity import assert_lm_layers_match_hf
 
 IMAGES = [random_image((40, 30), seed=0), random_image((50, 50), seed=1)]
 PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
@@ -110,17 +111,8 @@ def test_vision_projector_and_lm_per_layer(llava):
     torch.testing.assert_close(cache["projector.hook_out"], torch.stack(list(features.pooler_output)), atol=1e-5,
                                rtol=0)
 
-    real = inputs["attention_mask"].bool()
-    n_lm = model.tower_info("lm").n_layers
-    torch.testing.assert_close(cache["lm.hook_inputs_embeds"][real], out.hidden_states[0][real], atol=1e-6, rtol=0)
-    for layer in range(n_lm - 1):  # HF's last hidden state is after the final norm
-        torch.testing.assert_close(cache["lm", layer, "resid_post"][real], out.hidden_states[layer + 1][real],
-                                   atol=1e-5, rtol=0)
-    torch.testing.assert_close(cache["lm.ln_final.hook_normalized"][real], out.hidden_states[-1][real], atol=1e-5,
-                               rtol=0)
-    for layer in range(n_lm):
-        ours, ref = cache["lm", layer, "pattern"], out.attentions[layer]
-        torch.testing.assert_close(ours.transpose(1, 2)[real], ref.transpose(1, 2)[real], atol=1e-6, rtol=0)
+    assert_lm_layers_match_hf(cache, out, inputs["attention_mask"].bool(), embeds_atol=1e-6, stream_atol=1e-5,
+                              pattern_atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ behaviour

@@ -128,13 +128,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(model, uninterrupted, 
 
 
 def test_streamed_examples_and_progress(model, uninterrupted, tmp_path, monkeypatch):
-    totals, real = [], results_module._progress
+    totals, real = [], results_module.progress_bar
 
     def progress(total, enabled, desc):
         totals.append((total, desc))
         return real(total, False, desc)
 
-    monkeypatch.setattr(results_module, "_progress", progress)
+    monkeypatch.setattr(results_module, "progress_bar", progress)
     generator = (build_example(model, i) for i in range(4))
     stacked = patching.sweep_dataset(patching.patch_resid, model, generator, out=tmp_path / "s", **SETTINGS)
     torch.testing.assert_close(stacked, uninterrupted.stacked(), equal_nan=True, atol=0, rtol=0)

@@ -256,3 +256,84 @@ def test_noise_patches_changes_only_those_patches():
     assert changed[10, 11]
     assert changed.sum() <= 9  # the patch, and at most its neighbours through the resampling kernel
     assert not changed[~spatial.dilate(patches, 1)].any()
+
+
+# ------------------------------------------------------------------------------------------ Qwen2-VL
+def _qwen_processors():
+    from transformers import Qwen2VLImageProcessorPil
+
+    return {"default": Qwen2VLImageProcessorPil(),  # 14-pixel patches merged 2 x 2, HF's pixel budget
+            "max_pixels": Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48},
+                                                   patch_size=4, merge_size=2),  # build_qwen2_vl's: shrinks
+            "min_pixels": Qwen2VLImageProcessorPil(size={"shortest_edge": 1200 * 1200, "longest_edge": 2000 * 2000},
+                                                   patch_size=8, merge_size=2)}  # grows
+
+
+@pytest.mark.parametrize("which", ["default", "max_pixels", "min_pixels"])
+@pytest.mark.parametrize("size", [(640, 427), (427, 640), (500, 333), (333, 500), (98, 41)])
+def test_qwen_geometry_is_the_processors_own_grid(which, size):
+    """The resize and the merged grid equal what the processor itself outputs (image_grid_thw) for each size."""
+    processor = _qwen_processors()[which]
+    geometry = spatial.processor_geometry(processor, size)
+    t, h, w = processor(images=Image.new("RGB", size), return_tensors="pt")["image_grid_thw"][0].tolist()
+    p, m = processor.patch_size, processor.merge_size
+    assert geometry.resized == (w * p, h * p) and geometry.crop == (0, 0, w * p, h * p)
+    assert geometry.grid == (h // m, w // m)
+
+
+def shown_merged(processor, image, grid):
+    """[rows, cols]: per merged token (m x m consecutive patches of pixel_values, row-major over the merged grid),
+    the most red any of its pixels is. Each patch row is (channel, temporal, p, p)."""
+    pv = processor(images=image, return_tensors="pt")["pixel_values"]
+    p, t = processor.patch_size, processor.temporal_patch_size
+    rgb = pv.view(-1, 3, t, p * p) * torch.tensor(processor.image_std)[:, None, None] + torch.tensor(
+        processor.image_mean)[:, None, None]
+    red = (1 - rgb[:, 1]).clamp(0, 1).amax(dim=(1, 2))  # per patch
+    return red.view(-1, processor.merge_size**2).amax(-1).view(grid)
+
+
+@pytest.mark.parametrize("size", [(640, 427), (427, 640), (500, 333)])
+def test_qwen_patches_are_the_ones_the_processor_shows_the_object_in(size):
+    processor = _qwen_processors()["default"]
+    geometry = spatial.processor_geometry(processor, size)
+    selected_any = 0
+    for polygon in polygons(size, 8, seed=sum(size)):
+        image, mask = draw_object(size, polygon)
+        coverage = spatial.patch_coverage(mask, geometry)  # the geometry's own merged grid
+        assert coverage.shape == geometry.grid
+        assert agrees(coverage, shown_merged(processor, image, geometry.grid)), polygon
+        selected_any += int((coverage > 0).sum())
+    assert selected_any > 10
+
+
+def test_qwen_box_patches_are_lm_positions_of_its_merged_tokens():
+    """A box through the processor's resize onto each image's merged grid, then to LM positions of a left-padded
+    batch of two images of different sizes; the reference scales the box by hand into the resized image and takes
+    every token of `patch * merge` pixels it overlaps."""
+    from hooked_vlm.tiny import build_qwen2_vl
+
+    hf, processor = build_qwen2_vl(seed=0)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    images = [Image.new("RGB", (640, 427)), Image.new("RGB", (333, 500))]
+    img = "<|vision_start|><|image_pad|><|vision_end|>"
+    inputs = processor(images=images, text=[f"{img}is there a car?", f"hi {img}"], padding=True, return_tensors="pt")
+    positions = model.positions(**inputs)
+    box = [101.3, 57.9, 230.2, 140.6]  # COCO x, y, w, h
+    f = processor.image_processor.patch_size * processor.image_processor.merge_size
+    for b, image in enumerate(images):
+        geometry = spatial.processor_geometry(processor, image.size)
+        span = positions.image[b][0]
+        assert (int(span.rows.max()) + 1, int(span.cols.max()) + 1) == geometry.grid
+        patches = spatial.object_patches(spatial.box_mask(box, image.height, image.width), geometry)
+        sx, sy = geometry.resized[0] / image.width, geometry.resized[1] / image.height
+        cols = range(int(box[0] * sx // f), int(np.ceil((box[0] + box[2]) * sx / f)))
+        rows = range(int(box[1] * sy // f), int(np.ceil((box[1] + box[3]) * sy / f)))
+        assert patches.nonzero().tolist() == [[r, c] for r in rows for c in cols]
+        where = spatial.patch_positions(span, patches)
+        assert torch.equal(where, span.patches(list(rows), list(cols)))
+        assert (inputs["input_ids"][b, where] == hf.config.image_token_id).all()
+        flat = [r * geometry.grid[1] + c for r in rows for c in cols]  # row-major over the rectangular grid
+        assert torch.equal(spatial.patch_positions(span, flat), where)
+    with pytest.raises(ValueError, match="pass grid"):
+        spatial.patch_coverage(torch.zeros(427, 640), spatial.processor_geometry(CLIPImageProcessorPil(**CLIP_336),
+                                                                                (640, 427)))

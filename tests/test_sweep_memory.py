@@ -12,9 +12,10 @@ from hooked_vlm.tiny import build_blip, build_llava, random_image
 
 IMAGES = [random_image(seed=0), random_image(seed=1)]
 OTHER = [random_image(seed=2), random_image(seed=3)]
-# measured between batch sizes 1, 3 and 64 (matmuls over a different number of rows): 1.2e-6 on values up to 2.8,
-# 4.2e-6 on normalised ones (divided by clean - corrupted); ~10x margin
-ATOL, RTOL = 5e-5, 1e-5
+# measured between batch sizes 1, 3 and 64 (matmuls over a different number of rows; below the number of examples
+# the cached runs are split too): 1.2e-6 on values up to 2.8, 6.1e-5 on normalised ones (divided by clean -
+# corrupted, 0.035 for one BLIP example); ~8x margin
+ATOL, RTOL = 5e-4, 1e-5
 
 
 def _setup(hf, processor, prompts):

@@ -104,7 +104,8 @@ CALLS = [*[(n, 0, m) for n in ("q", "k", "v", "attn_scores", "pattern", "z", "re
                                   "cross_attn_out", "mlp_out")],
          *[(n, None, None) for n in ("embed", "pos_embed", "inputs_embeds", "query_tokens")]]
 # hooks outside TransformerLens's vocabulary: reached by their full names
-NOT_TL = {"projector.hook_in", "projector.hook_mid", "projector.hook_out", "qformer.hook_out",
+NOT_TL = {"projector.hook_in", "projector.hook_mid", "projector.hook_out", "projector.ln.hook_scale",
+          "projector.ln.hook_normalized", "qformer.hook_out",
           "text_decoder.head.hook_post", "text_decoder.head.ln.hook_scale", "text_decoder.head.ln.hook_normalized"}
 
 

@@ -176,10 +176,13 @@ def test_head_scores_streamed_equal_one_batch(llava):
                                  position="last", progress=False)
     assert torch.equal(right.correct, one.correct)
     torch.testing.assert_close(right.positive, one.positive, atol=1e-6, rtol=1e-4)
-    # the ablation sweeps' cached runs kept on the CPU, two heads per forward: the same scores exactly
+    # the ablation sweeps' cached runs kept on the CPU: the same scores exactly; at most two rows per forward (the
+    # sweeps then split a chunk's examples too): equal to float32 rounding, measured 1.4e-9 on scores ~1e-2
     bounded = analysis.head_scores(model, iter(chunks), progress=False, cache_device="cpu", batch_size=2)
+    same_rows = analysis.head_scores(model, iter(chunks), progress=False, batch_size=2)
     for field in ("positive", "negative", "delta", "correct"):
-        assert torch.equal(getattr(bounded, field), getattr(streamed, field)), field
+        assert torch.equal(getattr(bounded, field), getattr(same_rows, field)), field
+        torch.testing.assert_close(getattr(bounded, field), getattr(streamed, field), atol=1e-8, rtol=1e-5)
     with pytest.raises(ValueError, match="cache_device"):
         analysis.head_scores(model, full, answers, progress=False, cache_device="no such device")
     with pytest.raises(TypeError, match="pairs"):

@@ -10,6 +10,7 @@ from .state_dict import ConversionPlan, Recipe  # isort: skip
 from . import blip  # noqa: F401  (registers the BLIP converters)
 from . import instructblip  # noqa: F401  (registers the InstructBLIP converter)
 from . import llava  # noqa: F401  (registers the LLaVA converter)
+from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL and Qwen2.5-VL converters)
 from .streaming import convert_checkpoint
 
 __all__ = ["CONVERTERS", "ConversionPlan", "Converter", "Recipe", "convert_checkpoint", "converter_for",

@@ -51,6 +51,7 @@ def t5_stack_config(tc: Any, *, decoder: bool) -> T5StackConfig:
                       bias=False),
         norm=NormConfig("rms", tc.layer_norm_epsilon, upcast_input=False),  # T5LayerNorm
         layout="pre",
+        clamp_half_overflow=True,  # T5Block clamps float16 overflows after each sub-layer
     )
     n_layers = tc.num_decoder_layers if decoder else tc.num_layers
     return T5StackConfig(tc.vocab_size, n_layers, block, decoder=decoder, n_buckets=tc.relative_attention_num_buckets,
@@ -72,8 +73,20 @@ def instructblip_config(hf: Any, *, hf_positions: bool = False) -> InstructBlipC
                          "where the image goes in the prompt; set it to the id of the tokenizer's <image> token")
     vision = vit_config(hf.vision_config, qkv_bias=getattr(hf.vision_config, "qkv_bias", True))
     d_lm = tc.hidden_size if hasattr(tc, "hidden_size") else tc.d_model
+    keep = KEEP_IN_FLOAT32 + (() if hf.use_decoder_only_language_model else T5_KEEP_IN_FLOAT32)
     return InstructBlipConfig(vision=vision, qformer=qformer_config(hf), d_lm=d_lm, image_token_id=hf.image_token_id,
-                              hf_positions=hf_positions, **generation_tokens(hf), **lm)
+                              hf_positions=hf_positions, keep_in_float32=keep, **generation_tokens(hf), **lm)
+
+
+# What transformers keeps in float32 when it loads these models in float16 (never in bfloat16), as hooked names.
+# HF lists module names (`_keep_in_fp32_modules`: InstructBlipForConditionalGeneration's "query_tokens", T5's "wo",
+# the 8-bit fix of transformers#20287) and, since 5.0, matches them as an unanchored regex over the weight names
+# (core_model_loading.build_glob_alternation, `.search`): "wo" also catches the Q-Former's `word_embeddings`, which
+# then stays float32 too. These lists reproduce what HF does, checked against HF's own load in
+# tests/test_half_precision.py.
+KEEP_IN_FLOAT32 = ("qformer.query_tokens",)
+T5_KEEP_IN_FLOAT32 = ("lm_encoder.blocks.*.mlp.out_weight", "lm_decoder.blocks.*.mlp.out_weight",
+                      "qformer.embed.W_E")
 
 
 def _decoder_start(tc: Any) -> int:

@@ -13,15 +13,16 @@ from hooked_vlm.towers.vit import VisionConfig
 
 from .blip import activation, check_vision
 from .generation import generation_tokens
-from .llama import convert_llama_lm, llama_config
-from .registry import refuse, register_converter
+from .llama import DECODER_LMS, convert_llama_lm, llama_config
+from .phi import convert_phi3_lm, convert_phi_lm, phi3_config, phi_config
+from .registry import refuse, register_converter, require_type
 from .state_dict import ConversionPlan, SourceWeights
 
 
 def llava_config(hf: Any, *, hf_positions: bool = False) -> LlavaConfig:
     vc = hf.vision_config
     check_vision(vc, ("clip_vision_model",))  # CLIP only: SigLIP, Pixtral... towers differ
-    tc = llama_config(hf.text_config)  # the LM's type and fields, before any vision work
+    tc = lm_config(hf.text_config)  # the LM's type and fields, before any vision work
     layers = hf.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     counts = tuple(layer if layer >= 0 else vc.num_hidden_layers + 1 + layer for layer in layers)  # hidden_states
@@ -69,5 +70,30 @@ def convert_llava(state: Mapping[str, Tensor], cfg: LlavaConfig) -> ConversionPl
     w.copy({"in_weight": "linear_1.weight", "out_weight": "linear_2.weight"}, "projector.", p)
     if cfg.projector_bias:
         w.copy({"in_bias": "linear_1.bias", "out_bias": "linear_2.bias"}, "projector.", p)
-    convert_llama_lm(w, cfg.lm, "", "lm.", body="model.language_model.", head="lm_head.weight")
+    lm_weights(w.state, "model.language_model.")(w, cfg.lm, "", "lm.", body="model.language_model.",
+                                                 head="lm_head.weight")
     return w.finish()
+
+
+# The language models LLaVA's text_config may hold, by HF model_type: each a configuration of the decoder tower.
+LM_CONFIGS = {**{kind: llama_config for kind in DECODER_LMS}, "phi": phi_config, "phi3": phi3_config}
+
+# The LM's weight table, by the HF layout of the checkpoint: the hooked config does not record the HF type, so a
+# layer-0 tensor that only that layout has tells them apart (both converting and exporting read HF keys). First
+# match wins: Phi-2 also has q_proj.
+LM_WEIGHTS = (("self_attn.dense.weight", convert_phi_lm), ("self_attn.qkv_proj.weight", convert_phi3_lm),
+              ("self_attn.q_proj.weight", convert_llama_lm))
+
+
+def lm_config(tc: Any):
+    """The hooked LM config of an HF text config whose type is in `LM_CONFIGS`; else an error naming the types."""
+    return LM_CONFIGS[require_type(tc, tuple(LM_CONFIGS), "language model")](tc)
+
+
+def lm_weights(state: Mapping[str, Tensor], body: str):
+    """The weight-table function for the LM whose layers are under `body` in `state`."""
+    for marker, convert in LM_WEIGHTS:
+        if f"{body}layers.0.{marker}" in state:
+            return convert
+    raise ValueError(f"the language model under {body!r} has none of the layouts hooked_vlm converts (layer 0 holds "
+                     f"none of {[marker for marker, _ in LM_WEIGHTS]})")

@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..hooks import HookPoint
+from .norms import NormConfig, make_norm
 from .rotary import Rotary, RotaryConfig, apply_rotary
 
 
@@ -36,6 +37,9 @@ class AttnConfig:
     # take it in float32 (so hooking changes nothing but rounding); kept so that saved configs load.
     softmax_fp32: bool = False
     rotary: RotaryConfig | None = None
+    # a norm over each head's query and key (width d_head) before the rotary embedding (HF Phi's qk_layernorm);
+    # None: none
+    qk_norm: NormConfig | None = None
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -82,13 +86,16 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [B, T, H, d_head]
         self.hook_k = HookPoint()  # [B, S, H_kv, d_head]
         self.hook_v = HookPoint()  # [B, S, H_kv, d_head]
+        if cfg.qk_norm is not None:  # each with hook_scale [B, T, H, 1] and hook_normalized [B, T, H, d_head]
+            self.q_norm = make_norm(d, cfg.qk_norm)
+            self.k_norm = make_norm(d, cfg.qk_norm)
         if cfg.rotary is not None:
             self.hook_rot_q = HookPoint()  # [B, T, H, d_head]
             self.hook_rot_k = HookPoint()  # [B, S, H_kv, d_head]
         self.hook_attn_scores = HookPoint()  # [B, H, T, S], float32 (or float64)
         self.hook_pattern = HookPoint()  # [B, H, T, S]
         self.hook_z = HookPoint()  # [B, T, H, d_head]
-        self.hook_result = HookPoint()  # [B, T, H, D]
+        self.hook_result = HookPoint()  # [B, T, H, D], float32 (or float64)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -110,6 +117,9 @@ class Attention(nn.Module):
             past: keys and values of earlier generation steps; updated in place.
         """
         q, k, v = self._project(x, kv_input, past)
+        if self.cfg.qk_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k) if k is not None else None
         if rotary is not None:
             cos, sin = rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin))
@@ -172,9 +182,14 @@ class Attention(nn.Module):
 
     def _output(self, z: Float[Tensor, "B T H d"]) -> Float[Tensor, "B T D"]:
         if self.hook_result.has_hooks:
-            result = self.hook_result(torch.einsum("bthd,hdm->bthm", z, self.W_O))
+            # per head and summed in float32 (float64 stays), as the fused GEMM accumulates: in float16 one head's
+            # share can overflow where the sum over heads does not (T5's large activations), so hooking the result
+            # would change the output
+            wide = torch.promote_types(z.dtype, torch.float32)
+            result = self.hook_result(torch.einsum("bthd,hdm->bthm", z.to(wide), self.W_O.to(wide)))
             out = result.sum(dim=2)
-            return out + self.o_bias if self.o_bias is not None else out
+            out = out + self.o_bias.to(wide) if self.o_bias is not None else out
+            return out.to(z.dtype)
         return F.linear(rearrange(z, "B T H d -> B T (H d)"), self.o_weight, self.o_bias)
 
     # ------------------------------------------------------------------ per-head views (share storage)

@@ -43,3 +43,10 @@ def generation_positions(attention_mask: Int[Tensor, "B T"]) -> Int[Tensor, "B T
     """Position ids from the attention mask, as HF's generate numbers a prompt: `cumsum(mask) - 1`, pads 0. A
     left-padded row then gets the positions of the same prompt alone."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def group_mask(groups: Int[Tensor, "B S"], dtype: torch.dtype) -> Float[Tensor, "B 1 S S"]:
+    """Bidirectional attention within groups: a query may attend to the keys of its own group; -1 marks pads
+    (Qwen2.5-VL's vision windows, HF's `cu_window_seqlens`, as a mask over one row per image)."""
+    allowed = (groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0)
+    return _additive(allowed[:, None], dtype)

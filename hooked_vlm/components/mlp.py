@@ -63,7 +63,10 @@ class MLP(nn.Module):
             post = self.act(self.hook_pre(gate)) * self.hook_pre_linear(linear)
         else:
             post = self.act(self.hook_pre(h))
-        return F.linear(self.hook_post(post), self.out_weight, self.out_bias)
+        # the output projection reads its own dtype: HF keeps T5's `wo` in float32 when it loads float16 weights and
+        # casts its input up (T5DenseGatedActDense.forward); a no-op wherever the weights share one dtype
+        post = self.hook_post(post)
+        return F.linear(post.to(self.out_weight.dtype), self.out_weight, self.out_bias)
 
     # TransformerLens-layout views (share storage with the parameters)
     @property

@@ -25,8 +25,9 @@ class NormConfig:
     kind: Literal["layer", "rms"] = "layer"
     eps: float = 1e-5
     bias: bool = True  # LayerNorm only
-    # RMSNorm only: True normalises in float32 and casts back (HF LlamaRMSNorm); False takes only the mean square
-    # in float32 and scales x in its own dtype or higher (HF T5LayerNorm). They differ only in float64.
+    # RMSNorm only: True normalises in float32 and casts back to the input's dtype (HF LlamaRMSNorm); False takes
+    # only the mean square in float32, scales x in its own dtype or higher and casts to the weight's dtype when that
+    # is half (HF T5LayerNorm). They differ in float64, and when a float32 stream meets half weights (float16 T5).
     upcast_input: bool = True
 
 
@@ -39,7 +40,7 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [B, T, 1], float32 (or float64)
         self.hook_normalized = HookPoint()  # [B, T, D]
 
-    def forward(self, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+    def forward(self, x: Float[Tensor, "*B T D"]) -> Float[Tensor, "*B T D"]:  # *B: per-head q/k norms [B T H d]
         if self.hook_scale.has_hooks:
             # In float32 (float64 stays), as F.layer_norm computes half inputs, rounding once at the end: in
             # float16 BERT's eps of 1e-12 is 0, so a constant row would give 0 / 0, and every row would drift.
@@ -64,7 +65,7 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [B, T, 1], float32
         self.hook_normalized = HookPoint()  # [B, T, D]
 
-    def forward(self, x: Float[Tensor, "B T D"]) -> Float[Tensor, "B T D"]:
+    def forward(self, x: Float[Tensor, "*B T D"]) -> Float[Tensor, "*B T D"]:  # *B: per-head q/k norms [B T H d]
         x32 = x.float()
         mean_square = x32.pow(2).mean(-1, keepdim=True)
         if not self.upcast_input:
@@ -73,7 +74,12 @@ class RMSNorm(nn.Module):
             x32 = x32 / self.hook_scale((mean_square + self.eps).sqrt())
         else:
             x32 = x32 * torch.rsqrt(mean_square + self.eps)
-        return self.hook_normalized(self.w * x32.to(x.dtype))
+        if self.upcast_input:  # LlamaRMSNorm: back to the input's dtype
+            return self.hook_normalized(self.w * x32.to(x.dtype))
+        # T5LayerNorm: to the weight's dtype when that is half. A float16 T5 whose `wo` is kept in float32 carries a
+        # float32 stream; every norm hands its sub-layer float16 again.
+        half = self.w.dtype in (torch.float16, torch.bfloat16)
+        return self.hook_normalized(self.w * (x32.to(self.w.dtype) if half else x32))
 
 
 def make_norm(d_model: int, cfg: NormConfig) -> LayerNorm | RMSNorm:

@@ -123,11 +123,7 @@ class HookedLlava(HookedVLM):
         return prompt, spans
 
     def image_embeddings_mask(self, positions: Positions) -> Tensor:
-        mask = torch.zeros(positions.input_ids.shape, dtype=torch.bool)
-        for b, spans in enumerate(positions.image):
-            for span in spans:
-                mask[b, span.start:span.stop] = True
-        return mask
+        return positions.image_mask
 
     def _inputs_embeds(self, prompt: LMPrompt, pixel_values: Tensor | None) -> Float[Tensor, "B T D"]:
         return self.language.inputs_embeds(prompt, None if pixel_values is None else self.image_features(pixel_values))

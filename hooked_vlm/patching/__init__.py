@@ -20,14 +20,18 @@ Cells are single positions (`positions`), groups of positions patched jointly (`
 an object's patches, any positions per example, ragged), or heads. `sweep_results` runs a sweep over a data set and
 keeps each example's values with its metadata, aligned by role (`SweepResults.aligned("last")`); over any iterable
 of examples, and with `out=FOLDER` each example's result is stored as it finishes, so that a killed run resumes
-(`hooked_vlm.result_store`). `cache_device="cpu"` keeps the cached runs off the accelerator.
+(`hooked_vlm.result_store`). `cache_device="cpu"` keeps the cached runs off the accelerator; `batch_size` bounds
+every forward, the cached runs' included, by splitting the examples into chunks, and `batch_size="auto"` picks the
+largest that fits a memory budget (`memory_estimate`).
 
 The package: `sweeps` (the public sweeps and their argument checks), `groups` (positions and groups of positions),
-`engine` (the runs: clean and corrupted once, the cells stacked and resumed) and `results` (sweeps over a data set).
+`engine` (the runs: clean and corrupted once per chunk of examples, the cells stacked and resumed), `memory` (bytes
+per example and per forward row, the batch size a budget allows) and `results` (sweeps over a data set).
 """
 
 from .engine import Corrupt, Direction
 from .groups import GROUP_NAMES, ImagePatches, Patch, example_positions, resolve_groups
+from .memory import MemoryEstimate, default_budget, memory_estimate
 from .results import ANCHORS, AlignedResults, SweepResults, sweep_dataset, sweep_results
 from .sweeps import (HEAD_ACTIVATIONS, STREAM_HOOKS, TRACE_KINDS, ablation_sweep, attribution_patch_heads,
                      attribution_patch_resid, causal_trace, head_leaf, patch_heads, patch_resid)
@@ -36,5 +40,5 @@ __all__ = [
     "patch_resid", "patch_heads", "causal_trace", "attribution_patch_resid", "attribution_patch_heads",
     "ablation_sweep", "sweep_dataset", "sweep_results", "SweepResults", "AlignedResults", "ImagePatches",
     "resolve_groups", "example_positions", "head_leaf", "TRACE_KINDS", "STREAM_HOOKS", "HEAD_ACTIVATIONS",
-    "GROUP_NAMES", "ANCHORS", "Direction", "Corrupt", "Patch",
+    "GROUP_NAMES", "ANCHORS", "Direction", "Corrupt", "Patch", "memory_estimate", "MemoryEstimate", "default_budget",
 ]

@@ -18,10 +18,37 @@ from ..components.kv_cache import KVCache
 from ..corruption.noise import Corruption, empirical_std
 from ..hooks import HookSpec
 from ..models.base import HookedVLM
+from ..utils import progress_bar
 from .groups import Patch, _Cells, _group, _make_cells, _tower_positions, example_positions
 
 Direction = Literal["denoise", "noise"]
 Corrupt = Mapping[str, Any] | Corruption
+
+
+# ---------------------------------------------------------------------------------------------- what sweeps patch
+STREAM_HOOKS = ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out", "cross_attn_out", "mlp_out")
+HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
+TRACE_KINDS = {"resid": "hook_resid_post", "resid_mid": "hook_resid_mid", "resid_mid_cross": "hook_resid_mid_cross",
+               "attn": "hook_attn_out", "mlp": "hook_mlp_out", "cross_attn": "hook_cross_attn_out"}
+
+
+def _require_leaf(model: HookedVLM, tower: str, leaf: str, what: str | None = None) -> None:
+    """Raise before any forward if no block of `tower` has the hook `leaf` (a cross-attention where there is none)."""
+    n_layers = model.tower_info(tower).n_layers  # raises for an unknown tower, naming the towers
+    if not any(names.block(tower, i, leaf) in model.hook_dict for i in range(n_layers)):
+        hint = (f"tower {tower!r} has no cross-attention" if "cross_attn" in leaf
+                else f"no layer of tower {tower!r} has a hook {leaf!r}")
+        raise ValueError(f"{what or leaf}: {hint}; choose a tower and hook it has (model.hook_names() lists them)")
+
+
+def head_leaf(model: HookedVLM, tower: str, attention: str, activation: str) -> str:
+    """The block-relative hook name of a head activation (`"cross_attn.hook_z"`), checked, before any forward, to
+    exist in some block of `tower`."""
+    if attention not in ("attn", "cross_attn"):
+        raise ValueError(f"attention must be 'attn' or 'cross_attn', got {attention!r}")
+    leaf = names.leaf(attention, activation)
+    _require_leaf(model, tower, leaf, f"attention={attention!r}")
+    return leaf
 
 
 # ---------------------------------------------------------------------------------------------- corruptions
@@ -50,50 +77,52 @@ def _site_hook(model: HookedVLM, c: Corruption, tower: str) -> str | None:
 
 
 class _Bound:
-    """A corruption bound to a batch: its site, the positions it changes there ([B, T] mask; None: all), the
-    scale of a Gaussian; `hooks(sample, forwards)` for a batch of len(forwards) stacked copies of the B examples,
-    copy k being forward `forwards[k]` (see `Corruption.seed_of`)."""
+    """A corruption bound to a chunk of a batch: its site, the positions it changes there ([B, T] mask; None: all),
+    the scale of a Gaussian; `hooks(sample, forwards)` for a batch of len(forwards) stacked copies of the chunk's
+    examples, copy k being forward `forwards[k]` (see `Corruption.seed_of`).
+
+    `rows` (None: the whole batch): the chunk's examples, as indices in the whole batch of `total`. Every draw is made
+    for the whole batch's shape, as `Corruption.draw` defines it, and the chunk keeps its rows, so that chunking
+    never changes the numbers an example gets. `positions` (None: the cache's): the whole batch's `Positions`, for
+    the mask; `std` (None: from the cache): the Gaussian's scale measured over the whole batch."""
 
     def __init__(self, model: HookedVLM, c: Corruption, tower: str, site: str | None, clean_cache: Any,
-                 offloaded: bool = False):
+                 offloaded: bool = False, *, rows: Tensor | None = None, total: int | None = None,
+                 positions: Any = None, std: float | None = None):
         self.c, self.site, self.mask, self.std = c, site, None, None
         self._drawn: dict[int, Tensor] = {}
+        self.rows, self.total = rows, total
         if site is None:  # hooks of the user's own
             self.shape = None
             return
         values = clean_cache[site]
         self.shape = tuple(values.shape)
-        B, T = values.shape[:2]
-        mask = None
-        if c.site == "image":
-            image = model.image_embeddings_mask(clean_cache.positions) if clean_cache.positions is not None else None
-            mask = None if image is None else image.bool().cpu()
-        if c.positions is not None:
-            pos = _tower_positions(model, names.parse(site).tower, clean_cache.positions)
-            pos = pos if pos is not None and pos.input_ids.shape[1] == T else None
-            if isinstance(c.positions, (list, tuple, Tensor)) and _ints(c.positions):
-                members = list(example_positions(c.positions, B, T))  # a list shared or [B, P] per example
-            else:
-                members = _group(c.positions, "positions", pos, B, T)
-            chosen = torch.zeros(B, T, dtype=torch.bool)
-            for b, m in enumerate(members):
-                chosen[b, m.cpu()] = True
-            mask = chosen if mask is None else mask & chosen
-        self.mask = mask
+        self.mask = _site_mask(model, c, site, clean_cache.positions if positions is None else positions,
+                               self.shape[0] if total is None else total, self.shape[1])
+        if self.mask is not None and rows is not None:
+            self.mask = self.mask[rows]
         if c.kind == "gaussian":
             given = c.params.get("std")
-            if offloaded:  # the std is computed where the default computes it (the same float sum)
-                values = values.to(model.device)
-            self.std = float(given) if given is not None else (empirical_std(values, mask) if c.params["scale"]
-                                                               else 0.0)
-        elif mask is not None and not mask.any():
-            raise ValueError("no site to corrupt: the positions select nothing")
+            if given is not None or not c.params["scale"]:
+                self.std = float(given) if given is not None else 0.0
+            elif std is not None:
+                self.std = std
+            else:
+                if offloaded:  # the std is computed where the default computes it (the same float sum)
+                    values = values.to(model.device)
+                self.std = empirical_std(values, self.mask)
 
     @property
     def cut_allowed(self) -> bool:
         """False when the corruption touches a block hook (the sweep's resumed runs would see it on a suffix)."""
         sites = [self.site] if self.site is not None else [name for name, _ in self.c.hooks]
         return all(isinstance(s, str) and names.parse(s).layer is None for s in sites)
+
+    def _draw(self, sample: int, forward: int) -> Tensor:
+        """The draw of (sample, forward) for this chunk's rows: drawn for the whole batch, then its rows kept."""
+        if self.rows is None:
+            return self.c.draw(self.shape, sample, forward)
+        return self.c.draw((self.total, *self.shape[1:]), sample, forward)[self.rows]
 
     def hooks(self, sample: int, forwards: Sequence[int]) -> list[HookSpec]:
         c = self.c
@@ -102,10 +131,10 @@ class _Bound:
         n, B = len(forwards), self.shape[0]
         noise = None
         if c.per_forward:
-            noise = torch.cat([c.draw(self.shape, sample, f) for f in forwards])
+            noise = torch.cat([self._draw(sample, f) for f in forwards])
         elif c.random:
             if sample not in self._drawn:
-                self._drawn = {sample: c.draw(self.shape, sample)}
+                self._drawn = {sample: self._draw(sample, 0)}
             noise = self._drawn[sample].repeat(n, *([1] * (len(self.shape) - 1)))
         mask = None if self.mask is None else self.mask.repeat(n, 1)
         site, shape = self.site, self.shape
@@ -119,6 +148,28 @@ class _Bound:
         return [(site, corrupt)]
 
 
+def _site_mask(model: HookedVLM, c: Corruption, site: str, positions: Any, B: int, T: int) -> Tensor | None:
+    """The [B, T] positions of `site` a corruption changes (None: all), from the batch's `Positions`."""
+    mask = None
+    if c.site == "image":
+        image = model.image_embeddings_mask(positions) if positions is not None else None
+        mask = None if image is None else image.bool().cpu()
+    if c.positions is not None:
+        pos = _tower_positions(model, names.parse(site).tower, positions)
+        pos = pos if pos is not None and pos.input_ids.shape[1] == T else None
+        if isinstance(c.positions, (list, tuple, Tensor)) and _ints(c.positions):
+            members = list(example_positions(c.positions, B, T))  # a list shared or [B, P] per example
+        else:
+            members = _group(c.positions, "positions", pos, B, T)
+        chosen = torch.zeros(B, T, dtype=torch.bool)
+        for b, m in enumerate(members):
+            chosen[b, m.cpu()] = True
+        mask = chosen if mask is None else mask & chosen
+    if c.kind != "gaussian" and mask is not None and not mask.any():
+        raise ValueError("no site to corrupt: the positions select nothing")
+    return mask
+
+
 def _ints(value: Any) -> bool:
     if isinstance(value, Tensor):
         return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
@@ -126,18 +177,29 @@ def _ints(value: Any) -> bool:
 
 
 class _Setup:
-    """The runs of a sweep, shared by its samples: with corrupted inputs, the two runs; with a `Corruption`, the
-    clean run once (the values to patch in or the clean metric, and what the corruption reads), then per sample
-    the corrupted run."""
+    """The runs of a sweep, shared by its samples, chunk by chunk of its examples.
 
-    def __init__(self, model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, metric: metrics_.Metric,
+    The examples are split into chunks of at most `batch_size` (None: one chunk), so that no forward, the cached
+    runs included, holds more than `batch_size` rows. Per chunk: with corrupted inputs, the two runs; with a
+    `Corruption`, the clean run once (the values to patch in or the clean metric, and what the corruption reads),
+    then per sample the corrupted run; `corrupt=None` (an ablation sweep), the one run. What depends on the whole
+    batch is computed for the whole batch: the cells (`_Runs.cells`, from the whole batch's positions), the
+    Gaussian's empirical std (a pass over the chunks up to the corrupted site, when there are several), the draws
+    (`_Bound`); the metric sees each row's index in the whole batch. `average(one)` runs `one` (the cells of one
+    chunk and sample, per example, examples last) on every chunk and sample, joins the chunks along the examples
+    and averages over the examples (unless `per_example`) and the samples."""
+
+    def __init__(self, model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt | None, metric: metrics_.Metric,
                  tower: str, leaves: list[str], direction: Direction, samples: int,
-                 cache_device: torch.device | str | None = None):
+                 cache_device: torch.device | str | None = None, batch_size: int | None = None):
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-        _check_corrupt(model, clean, corrupt)
+        if corrupt is None:
+            _check_inputs(model, clean, clean)
+        else:
+            _check_corrupt(model, clean, corrupt)
         if samples > 1 and not (isinstance(corrupt, Corruption) and corrupt.random):
             what = "corrupted inputs" if isinstance(corrupt, Mapping) else f"a {corrupt.kind} corruption"
             raise ValueError(f"samples={samples} with {what}: every sample would be the same run; samples average "
@@ -145,36 +207,126 @@ class _Setup:
         self.model, self.clean, self.corrupt, self.metric = model, clean, corrupt, metric
         self.tower, self.leaves, self.direction, self.samples = tower, leaves, direction, samples
         self.cache_device = cache_device = _check_cache_device(cache_device)
+        self.B = _batch_size(clean)
+        self.chunks = example_chunks(self.B, batch_size)
+        if len(self.chunks) > 1:
+            for inputs in (clean, corrupt if isinstance(corrupt, Mapping) else {}):
+                _check_batch_first(inputs, self.B)
+        self.site, self.std = None, None
+        if isinstance(corrupt, Corruption):
+            if corrupt.kind == "hooks" and len(self.chunks) > 1:
+                raise ValueError(f"a from_hooks corruption runs on the whole batch of {self.B} examples (its hooks "
+                                 f"may hold per-example values), but batch_size={batch_size} splits it: pass "
+                                 f"batch_size >= {self.B}, or sweep fewer examples per call (sweep_dataset)")
+            self.site = _site_hook(model, corrupt, tower)
+        # the whole batch's positions: the cells and the corruption's mask are resolved on them
+        target = corrupt if isinstance(corrupt, Mapping) and direction == "denoise" else clean
+        self.positions = model.positions(**target) if len(self.chunks) > 1 else None
+        self.clean_positions = model.positions(**clean) if len(self.chunks) > 1 else None
+
+    def _global_std(self) -> float | None:
+        """A Gaussian's empirical std over the whole batch, when the chunks cannot measure it alone: the values at
+        the site, chunk by chunk (each forward stopped there), joined in the order the whole batch holds them."""
+        c = self.corrupt
+        if (len(self.chunks) == 1 or not isinstance(c, Corruption) or c.kind != "gaussian"
+                or c.params.get("std") is not None or not c.params["scale"]):
+            return None
+        model, site, picked = self.model, self.site, []
+        mask = None
+        for rows in self.chunks:
+            inputs = _select(self.clean, rows)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n == site, stop_at_hook=site,
+                                                device=self.cache_device)
+            values = cache[site]
+            if mask is None:
+                mask = _site_mask(model, c, site, self.clean_positions, self.B, values.shape[1])
+            if mask is not None:
+                m = mask[rows].to(values.device)
+                values = values[m.reshape(*m.shape, *([1] * (values.ndim - 2))).expand_as(values)]
+            picked.append(values.flatten())
+        values = torch.cat(picked)
+        if self.cache_device is not None:  # measured where the default measures it (the same float sum)
+            values = values.to(model.device)
+        return empirical_std(values, None)
+
+    def average(self, one: Callable[["_Runs"], Tensor], per_example: bool = False) -> Tensor:
+        std = self._global_std()
+        parts: list[list[Tensor]] = [[] for _ in range(self.samples)]
+        for rows in self.chunks:
+            chunk = _Chunk(self, rows, std)
+            for sample in range(self.samples):
+                parts[sample].append(one(chunk.runs(sample)))
+            del chunk  # before the next chunk's runs: never two chunks' caches at once
+        results = [torch.cat(p, dim=-1) for p in parts]  # [..., B]: the chunks' examples joined
+        if not per_example:
+            results = [r.mean(dim=-1) for r in results]
+        return results[0] if len(results) == 1 else torch.stack(results).mean(0)
+
+
+class _Chunk:
+    """The runs of one chunk of a sweep's examples (`rows`, indices in the whole batch)."""
+
+    def __init__(self, setup: _Setup, rows: Tensor, std: float | None):
+        self.setup, self.rows = setup, rows
+        whole = len(setup.chunks) == 1
+        self.clean = setup.clean if whole else _select(setup.clean, rows)
+        corrupt = setup.corrupt
+        self.corrupt = corrupt if whole or not isinstance(corrupt, Mapping) else _select(corrupt, rows)
+        self.where = {} if whole else {"rows": rows, "n_total": setup.B, "positions": setup.positions}
         if not isinstance(corrupt, Corruption):
             return
-        site = _site_hook(model, corrupt, tower)
-        wanted = _target_wanted(model, tower, leaves)
+        model, tower, site, cache_device = setup.model, setup.tower, setup.site, setup.cache_device
+        wanted = _target_wanted(model, tower, setup.leaves)
         with torch.no_grad():
-            self.clean_run = model.run_with_cache(**clean, tower_outputs=True, device=cache_device,
+            self.clean_run = model.run_with_cache(**self.clean, tower_outputs=True, device=cache_device,
                                                   names_filter=lambda n: wanted(n) or n == site)
         _offload_outputs(self.clean_run[1], cache_device)
-        self.bound = _Bound(model, corrupt, tower, site, self.clean_run[1], offloaded=cache_device is not None)
+        chunked = {} if whole else {"rows": rows, "total": setup.B, "positions": setup.clean_positions, "std": std}
+        self.bound = _Bound(model, corrupt, tower, site, self.clean_run[1], offloaded=cache_device is not None,
+                            **chunked)
 
     def runs(self, sample: int) -> "_Runs":
-        model, clean, tower, leaves = self.model, self.clean, self.tower, self.leaves
-        if not isinstance(self.corrupt, Corruption):
-            return _Runs.for_direction(model, clean, self.corrupt, self.metric, tower, self.direction, leaves,
-                                       self.cache_device)
+        setup = self.setup
+        model, clean, tower, leaves = setup.model, self.clean, setup.tower, setup.leaves
+        if setup.corrupt is None:  # an ablation sweep: the one run is the target and its own "source"
+            return _Runs(model, clean, None, setup.metric, tower, leaves, clean_is_source=True,
+                         cache_device=setup.cache_device, **self.where)
+        if not isinstance(setup.corrupt, Corruption):
+            return _Runs.for_direction(model, clean, self.corrupt, setup.metric, tower, setup.direction, leaves,
+                                       setup.cache_device, **self.where)
         bound = self.bound
-        if self.direction == "denoise":
-            return _Runs(model, clean, self.clean_run, self.metric, tower, leaves, clean_is_source=True,
+        if setup.direction == "denoise":
+            return _Runs(model, clean, self.clean_run, setup.metric, tower, leaves, clean_is_source=True,
                          target_hooks=lambda forwards: bound.hooks(sample, forwards),
-                         resumable=not self.corrupt.per_forward, cut_allowed=bound.cut_allowed,
-                         cache_device=self.cache_device)
+                         resumable=not setup.corrupt.per_forward, cut_allowed=bound.cut_allowed,
+                         cache_device=setup.cache_device, **self.where)
         with torch.no_grad(), model.hooks(bound.hooks(sample, [0])):
             corrupted = model.run_with_cache(**clean, names_filter=names.in_blocks(tower, *leaves),
-                                             device=self.cache_device)
-        return _Runs(model, clean, corrupted, self.metric, tower, leaves, clean_is_source=False,
-                     target_run=self.clean_run, cache_device=self.cache_device)
+                                             device=setup.cache_device)
+        return _Runs(model, clean, corrupted, setup.metric, tower, leaves, clean_is_source=False,
+                     target_run=self.clean_run, cache_device=setup.cache_device, **self.where)
 
-    def average(self, one: Callable[["_Runs"], Tensor]) -> Tensor:
-        results = [one(self.runs(sample)) for sample in range(self.samples)]
-        return results[0] if len(results) == 1 else torch.stack(results).mean(0)
+
+def example_chunks(n_examples: int, batch_size: int | None) -> list[Tensor]:
+    """The examples 0..n_examples-1 in consecutive chunks of at most `batch_size` (None: one chunk)."""
+    size = n_examples if batch_size is None else max(1, min(batch_size, n_examples))
+    return [torch.arange(start, min(start + size, n_examples)) for start in range(0, n_examples, size)]
+
+
+def _check_batch_first(inputs: Mapping[str, Any], B: int) -> None:
+    """Refuse to split inputs that hold a tensor whose first dimension is not the examples."""
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and (value.ndim == 0 or value.shape[0] != B):
+            raise ValueError(f"input {key!r} has shape {tuple(value.shape)}, not one row per example of the "
+                             f"{B}: it cannot be split into chunks of examples; pass batch_size >= {B} or inputs "
+                             "with the examples first")
+
+
+def _select(inputs: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
+    """The inputs of the examples `rows` (a slice: consecutive rows)."""
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -199,14 +351,20 @@ class _Runs:
     `cache_device` (None: where each activation is produced): where the cached activations of both runs stay
     (`"cpu"` keeps them off the accelerator); a chunk of cells brings to its blocks' devices only what it reads: the
     stream entering its first patched layer, the keys and values of the prefix from that layer on, the towers'
-    outputs, and the source values of its cells (gathered where they are cached)."""
+    outputs, and the source values of its cells (gathered where they are cached).
+
+    `rows` (None: all): the examples these runs hold, as indices in a whole batch of `n_total` that a sweep split
+    into chunks; `positions` is then that batch's `Positions`. The metric sees each row's index in the whole batch
+    (`metrics.evaluate(..., n_examples=n_total)`), and the cells are resolved on the whole batch, then the chunk's
+    rows kept (`cells`), so that a chunk's results are the whole batch's for its examples."""
 
     def __init__(self, model: HookedVLM, target: Mapping[str, Any],
                  source: Mapping[str, Any] | tuple[Tensor, Any] | None,
                  metric: metrics_.Metric, tower: str, leaves: list[str], *, clean_is_source: bool,
                  target_hooks: Callable[[list[int]], list[HookSpec]] | None = None,
                  target_run: tuple[Tensor, Any] | None = None, resumable: bool = True, cut_allowed: bool = True,
-                 cache_device: torch.device | str | None = None):
+                 cache_device: torch.device | str | None = None, rows: Tensor | None = None,
+                 n_total: int | None = None, positions: Any = None):
         if not callable(metric):
             raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
                             "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
@@ -216,6 +374,9 @@ class _Runs:
         self.resumable, self.cut_allowed = resumable, cut_allowed
         cache_device = _check_cache_device(cache_device)
         self.B = _batch_size(self.target)
+        self.rows = torch.arange(self.B) if rows is None else rows.cpu()
+        self.n_total = self.B if n_total is None else n_total
+        self.whole_positions = positions
         wanted = names.in_blocks(tower, *leaves)
         # a causal tower with a KV cache resumes on the positions after the first patched one: the target run's
         # keys and values stand for the unchanged prefix (`model.prefix_cache`)
@@ -237,11 +398,11 @@ class _Runs:
         self.target_logits = target_logits
         if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
             source_logits, self.source = target_logits, self.target_cache
-        examples = torch.arange(self.B, device=target_logits.device)
-        m_source = metrics_.evaluate(metric, source_logits, examples, "the unpatched run")
-        m_target = metrics_.evaluate(metric, target_logits, examples, "the unpatched run")
-        metrics_.check_finite(m_source, "the unpatched source run's examples")
-        metrics_.check_finite(m_target, "the unpatched target run's examples")
+        examples = self.rows.to(target_logits.device)
+        m_source = metrics_.evaluate(metric, source_logits, examples, "the unpatched run", self.n_total)
+        m_target = metrics_.evaluate(metric, target_logits, examples, "the unpatched run", self.n_total)
+        metrics_.check_finite(m_source, "the unpatched source run's examples", self.rows)
+        metrics_.check_finite(m_target, "the unpatched target run's examples", self.rows)
         self.m_clean, self.m_corrupt = (m_source, m_target) if clean_is_source else (m_target, m_source)
         order = list(model.tower_names)
         self.given = {t: out for t, out in self.target_cache.tower_outputs.items()
@@ -250,25 +411,36 @@ class _Runs:
     @classmethod
     def for_direction(cls, model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[str, Any],
                       metric: metrics_.Metric, tower: str, direction: Direction, leaves: list[str],
-                      cache_device: torch.device | None = None) -> "_Runs":
+                      cache_device: torch.device | None = None, **chunk: Any) -> "_Runs":
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
         _check_inputs(model, clean, corrupt)
         target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
         return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise",
-                   cache_device=cache_device)
+                   cache_device=cache_device, **chunk)
 
     def source_act(self, leaf: str) -> Tensor:
         name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
         if name is None:
             raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
+        self._check_rows(name)
         return self.source[name]
+
+    def _check_rows(self, name: str) -> None:
+        """A tower whose rows are not the examples (Qwen2-VL's vision tower has one row per image) cannot be swept
+        example by example: say so rather than pair rows with the wrong examples."""
+        rows = self.source[name].shape[0]
+        if rows != self.B:
+            raise ValueError(f"{name} has {rows} rows but the batch has {self.B} examples (a tower with one row per "
+                             f"image, such as Qwen2-VL's vision tower, when a prompt holds several images): sweep "
+                             f"tower {self.tower!r} with one image per example")
 
     def length(self, leaf: str, dim: int = 1) -> int:
         """The length of the patched sequence; checks that source and target agree where positions align."""
         name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
         if name is None:
             raise ValueError(f"tower {self.tower!r} has no hook ending in {leaf!r} in any layer")
+        self._check_rows(name)
         source_len, target_len = self.source[name].shape[dim], self.target_cache[name].shape[dim]
         if source_len != target_len:
             raise ValueError(
@@ -277,14 +449,14 @@ class _Runs:
                 "equal or patch named spans")
         return source_len
 
-    def positions(self, positions: Sequence[int] | Tensor | None, leaf: str, dim: int = 1) -> Tensor:
-        """Positions per example [B, P]; checks that source and target agree in length where positions align."""
-        return example_positions(positions, self.B, self.length(leaf, dim))
-
     def cells(self, positions: Sequence[int] | Tensor | None, groups: Any, leaf: str, dim: int = 1) -> _Cells:
-        """The cells of each layer: one per position, or one per group of `groups`."""
-        pos = _tower_positions(self.model, self.tower, getattr(self.target_cache, "positions", None))
-        return _make_cells(positions, groups, pos, self.B, self.length(leaf, dim))
+        """The cells of each layer: one per position, or one per group of `groups`; resolved on the whole batch
+        (its positions, its first patched position `cut`), then this chunk's rows kept."""
+        whole = self.whole_positions if self.whole_positions is not None else getattr(self.target_cache,
+                                                                                       "positions", None)
+        pos = _tower_positions(self.model, self.tower, whole)
+        cells = _make_cells(positions, groups, pos, self.n_total, self.length(leaf, dim))
+        return cells if self.n_total == self.B and self.rows.equal(torch.arange(self.B)) else cells.select(self.rows)
 
     def _prefix(self, first: int, cut: int, n: int) -> KVCache | None:
         """The target run's keys and values of the first `cut` positions, for n stacked copies of the batch, on the
@@ -309,7 +481,7 @@ class _Runs:
         B = self.B
         _check_batch_size(batch_size)
         if normalize:  # before any cell runs: an example whose clean and corrupted metrics are equal has no scale
-            metrics_.check_normalizable(self.m_clean, self.m_corrupt)
+            metrics_.check_normalizable(self.m_clean, self.m_corrupt, self.rows)
         cut = cut if self.prefix_resumable and self.resumable and self.cut_allowed else 0
         per_chunk = max(1, batch_size // B)  # variants per forward (B rows each: one variant when batch_size < B)
         out = torch.full((self.n_layers, n_variants, B), float("nan"))
@@ -321,7 +493,7 @@ class _Runs:
         else:  # every cell draws its own corruption: whole forwards, any cells stacked together
             cells = [(layer, v) for layer in layers for v in range(n_variants)]
             chunks = [cells[i:i + per_chunk] for i in range(0, len(cells), per_chunk)]
-        bar = _progress(len(chunks), progress and len(chunks) > 8, f"patching {self.tower}")
+        bar = progress_bar(len(chunks), progress and len(chunks) > 8, f"patching {self.tower}")
         for chunk in chunks:
             values = self._run_chunk(chunk, cell_hooks, n_variants, patch, normalize, cut)
             for k, (layer, v) in enumerate(chunk):
@@ -359,7 +531,8 @@ class _Runs:
                 logits = self.model.run_with_hooks(**inputs, fwd_hooks=fwd_hooks)
         if cut:  # the prefix's logits are the target run's
             logits = torch.cat([_repeat(self.target_logits[:, :cut], n), logits], dim=1)
-        values = metrics_.evaluate(self.metric, logits, example.to(logits.device), "a patched run").float()
+        values = metrics_.evaluate(self.metric, logits, self.rows[example].to(logits.device), "a patched run",
+                                   self.n_total).float()
         values = values.view(n, B)
         if not torch.isfinite(values).all():  # reported, not averaged into a NaN with no word
             where = (f"at layer {chunk[0][0]} of {self.tower!r} (variants {chunk[0][1]}..{chunk[-1][1]})"
@@ -390,9 +563,11 @@ class _Runs:
 
 
 def _check_batch_size(batch_size: Any) -> None:
+    if batch_size == "auto" and isinstance(batch_size, str):
+        return
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: pass the most rows per forward (variants x examples), an int "
-                         ">= 1")
+                         ">= 1, or 'auto' (the largest that fits memory_budget)")
 
 
 def _check_cache_device(device: Any) -> torch.device | None:
@@ -455,20 +630,3 @@ def _repeat(value: Any, n: int) -> Any:
     if not isinstance(value, Tensor) or n == 1:
         return value
     return value.repeat(n, *([1] * (value.ndim - 1)))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int | None, enabled: bool, desc: str):
-    """A progress bar (None: no total, as over a generator), or one that shows nothing."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # not loaded by `import hooked_vlm`
-
-    return tqdm(total=total, desc=desc, leave=False)

@@ -152,6 +152,7 @@ class _Cells:
     idx: Tensor  # [V, B, P] long
     valid: Tensor  # [V, B, P] bool
     names: list[str] | None = None
+    whole_cut: int | None = None  # the whole batch's `cut`, kept by `select` (None: these rows' own)
 
     @classmethod
     def single(cls, pos: Int[Tensor, "B P"]) -> "_Cells":
@@ -179,14 +180,19 @@ class _Cells:
 
     @property
     def cut(self) -> int:
-        """The first position any cell patches: the positions before it are the target run's in every cell."""
-        return int(self.idx[self.valid].min())
+        """The first position any cell patches: the positions before it are the target run's in every cell. For
+        the rows of a chunk (`select`), the whole batch's, so that every chunk resumes as the whole batch does."""
+        return self.whole_cut if self.whole_cut is not None else int(self.idx[self.valid].min())
+
+    def select(self, rows: Tensor) -> "_Cells":
+        """The cells of the examples `rows` (a chunk of the batch), keeping the whole batch's `cut`."""
+        return _Cells(self.idx[:, rows], self.valid[:, rows], self.names, self.cut)
 
     def joined(self) -> "_Cells":
         """One cell patching every cell's positions together."""
         V, B, P = self.idx.shape
         idx, valid = self.idx.permute(1, 0, 2).reshape(1, B, V * P), self.valid.permute(1, 0, 2).reshape(1, B, V * P)
-        return _Cells(idx, valid, ["all"])
+        return _Cells(idx, valid, ["all"], self.whole_cut)
 
     def _rows(self, variant: Tensor, example: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each row's positions [N, P] and whether it patches them [N, P] (its padding repeats its first position,

@@ -19,7 +19,7 @@ from ..corruption.noise import Corruption
 from ..models.base import HookedVLM
 from ..positions import Positions
 from ..result_store import ResultStore, StoredExample, example_key, positions_on_cpu
-from .engine import _progress
+from ..utils import progress_bar
 from .groups import _tower_positions
 from .sweeps import (_trace_corruption, attribution_patch_heads, attribution_patch_resid, causal_trace, patch_heads,
                      patch_resid)
@@ -74,7 +74,7 @@ def sweep_results(sweep: Callable[..., Tensor], model: HookedVLM, examples: Iter
 
 
 # keyword arguments that change how a sweep fits in memory, not its result: a resumed run may change them
-MEMORY_ONLY = ("batch_size", "cache_device")
+MEMORY_ONLY = ("batch_size", "cache_device", "memory_budget")
 
 
 def _label(sweep: Callable[..., Tensor]) -> str:
@@ -97,7 +97,7 @@ def _run_dataset(sweep: Callable[..., Tensor], model: HookedVLM, examples: Itera
         settings = {k: _plain_setting(v) for k, v in kwargs.items() if k not in MEMORY_ONLY}
         store = ResultStore(out, {"sweep": label, "settings": settings, "model": model_fingerprint(model)})
     total = None if n is None else len(distributed_.shard(n)) if distributed else n
-    bar = _progress(total, progress, label if n is None else f"{label} over {n} examples")
+    bar = progress_bar(total, progress, label if n is None else f"{label} over {n} examples")
 
     def one(item: tuple[int, Callable[[], Sequence[Any]]]) -> StoredExample:
         i, fetch = item

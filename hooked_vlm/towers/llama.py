@@ -1,5 +1,7 @@
 """Decoder-only language model tower (Llama, Vicuna, Mistral-shaped): pre-LN RMSNorm blocks with rotary positions,
-grouped-query attention and a gated SiLU MLP; LLaVA's and InstructBLIP-Vicuna's `lm`.
+grouped-query attention and a gated SiLU MLP; LLaVA's and InstructBLIP-Vicuna's `lm`. Phi-2 and Phi-3 are
+configurations of it (weights_conversion/phi.py): Phi-2's parallel LayerNorm blocks with biases and partial rotary,
+Phi-3's RMSNorm blocks with partial rotary and a sliding window where configured.
 
     input_ids ── embed ── hook_embed ──[the model writes the image in]── hook_inputs_embeds ── blocks ──
         ── ln_final ── unembed
@@ -76,7 +78,7 @@ class LlamaTower(Tower):
         attention_mask: Int[Tensor, "B S"] | None = None,
         *,
         inputs_embeds: Float[Tensor, "B T D"] | None = None,
-        position_ids: Int[Tensor, "B T"] | None = None,
+        position_ids: Int[Tensor, "B T"] | Int[Tensor, "3 B T"] | None = None,  # [3, B, T]: multimodal rotary
         past: KVCache | None = None,
         start_at_layer: int | None = None,
         resid: Float[Tensor, "B T_out D"] | None = None,
@@ -112,8 +114,8 @@ class LlamaTower(Tower):
                              f"({start} earlier and {T} new tokens)")
         if position_ids is None:
             position_ids = generation_positions(attention_mask)[:, start:]
-        elif position_ids.shape[1] == start + T:  # the whole sequence's positions: keep the new tokens'
-            position_ids = position_ids[:, start:]
+        elif position_ids.shape[-1] == start + T:  # the whole sequence's positions: keep the new tokens'
+            position_ids = position_ids[..., start:]  # ([3, B, S]: multimodal rotary, RotaryConfig.mrope_section)
         rotary = self.rotary(position_ids.to(x.device), x.dtype)  # once per forward, shared by every block
         mask = causal_mask(attention_mask, T, x.dtype, window=self.cfg.sliding_window)
         return dict(mask=mask, rotary=rotary)
@@ -124,5 +126,7 @@ class LlamaTower(Tower):
 
     def unembed_directions(self, tokens: Int[Tensor, "*N"]) -> Float[Tensor, "*N D"]:
         """Per token, the direction d with logit = (stream / ln_final's scale) @ d: the norm's weight times the
-        token's unembedding row (no bias follows the norm). Direct logit attribution reads it."""
+        token's unembedding row (no bias follows the norm). Direct logit attribution reads it. A LayerNorm with a
+        bias (Phi-2) adds the constant `ln_final.b @ unembed.weight[token]`, which no part of the stream carries
+        (TransformerLens's convention: it folds it into b_U)."""
         return self.unembed.weight[tokens] * self.ln_final.w

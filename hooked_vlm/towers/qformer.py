@@ -142,7 +142,9 @@ class QFormerTower(Tower):
         queries = self.hook_query_tokens(self.query_tokens.to(dtype).expand(B, -1, -1))
         positions = torch.arange(T, device=call.input_ids.device).expand(B, T)
         text = self.hook_embed(self.embed(call.input_ids)) + self.hook_pos_embed(self.pos_embed(positions))
-        return self.ln_embed(torch.cat([queries, text], dim=1))
+        # in the norm's dtype, as HF's InstructBlipQFormerEmbeddings: a float16 load keeps `word_embeddings` in
+        # float32 (HF 5.x's keep-in-float32 pattern "wo" matches it), so the text rows arrive in float32
+        return self.ln_embed(torch.cat([queries, text.to(dtype)], dim=1))
 
     def block_inputs(self, call: QFormerCall, x: Float[Tensor, "B T D"]) -> dict[str, Any]:
         attention_mask = call.attention_mask

@@ -1,0 +1,23 @@
+"""A decoder-only LM's per-layer parity with HF's: shared by the LLaVA, LLaVA-Phi and Qwen2-VL tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_lm_layers_match_hf(cache, out, real: torch.Tensor, *, embeds_atol: float, stream_atol: float,
+                              pattern_atol: float) -> None:
+    """The hooked `lm` tower's cache against HF's `output_hidden_states` / `output_attentions` at the `real` [B, T]
+    positions: the embeddings block 0 reads, every block's output (HF's last hidden state is after the final norm,
+    so it meets `ln_final`'s output), and every attention pattern (compared per query position)."""
+    n_layers = len(out.attentions)
+    torch.testing.assert_close(cache["lm.hook_inputs_embeds"][real], out.hidden_states[0][real], atol=embeds_atol,
+                               rtol=0)
+    for layer in range(n_layers - 1):
+        torch.testing.assert_close(cache["lm", layer, "resid_post"][real], out.hidden_states[layer + 1][real],
+                                   atol=stream_atol, rtol=0)
+    torch.testing.assert_close(cache["lm.ln_final.hook_normalized"][real], out.hidden_states[-1][real],
+                               atol=stream_atol, rtol=0)
+    for layer in range(n_layers):
+        ours, ref = cache["lm", layer, "pattern"], out.attentions[layer]
+        torch.testing.assert_close(ours.transpose(1, 2)[real], ref.transpose(1, 2)[real], atol=pattern_atol, rtol=0)
