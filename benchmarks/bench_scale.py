@@ -88,6 +88,11 @@ def _moved(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
+def _image_positions(model: HookedVLM, inputs: dict) -> list[torch.Tensor]:
+    """Per example, the positions of its image tokens (the keys a Neo-style knockout blocks)."""
+    return [torch.cat([span.indices for span in spans]) for spans in model.positions(**inputs).image]
+
+
 def build(device: torch.device, dtype: torch.dtype, n: int):
     hf, processor = build_llava(vis_hidden=512, lm_hidden=512, vis_layers=8, lm_layers=8, heads=8, image_size=224,
                                 patch=14, inter_mult=4)
@@ -118,8 +123,7 @@ def cases(model: HookedVLM, clean: dict, corrupt: dict, batch_size: int) -> dict
     L = model.tower_info("lm").n_layers
 
     def knockout(n: int):
-        image = [torch.cat([span.indices for span in spans]) for spans in model.positions(**first(clean, n)).image]
-        hooks = attention_knockout(model, [-1], image, range(L))
+        hooks = attention_knockout(model, [-1], _image_positions(model, first(clean, n)), range(L))
         return model.run_with_hooks(**first(clean, n), fwd_hooks=hooks)
 
     all_cases: dict[str, Callable[[int], object]] = {
@@ -247,7 +251,7 @@ def _estimates(model: HookedVLM, clean: dict, corrupt: dict) -> dict[str, patchi
 
 def _forward_like_peaks(model: HookedVLM, clean: dict, device: torch.device) -> dict[str, int]:
     L = model.tower_info("lm").n_layers
-    image = [torch.cat([span.indices for span in spans]) for spans in model.positions(**clean).image]
+    image = _image_positions(model, clean)
     projector = names.tower_hook("projector", "hook_out")
     runs = {
         "forward": lambda: model(**clean),
@@ -277,7 +281,7 @@ def _work(model: HookedVLM, clean: dict, corrupt: dict, flops_per_token_layer: d
     answer = model(**clean)[:, -1].argmax(-1)
     metric = metrics.logit_diff(answer, answer + 1)
     L = model.tower_info("lm").n_layers
-    image = [torch.cat([span.indices for span in spans]) for spans in model.positions(**clean).image]
+    image = _image_positions(model, clean)
     toi = [clean["input_ids"].shape[1] - 12]  # the token of interest: a word of the question
     runs = {
         "forward": lambda: model(**clean),
