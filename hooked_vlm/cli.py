@@ -78,6 +78,7 @@ TINY_MODELS = {
     "tiny-llava": TinyModel("a tiny LLaVA-1.5 (CLIP + Llama)", _tiny("build_llava")),
     "tiny-instructblip": TinyModel("a tiny InstructBLIP with a Llama LM", _tiny("build_instructblip", "llama")),
     "tiny-instructblip-t5": TinyModel("a tiny InstructBLIP with a T5 LM", _tiny("build_instructblip", "t5")),
+    "tiny-llava-phi": TinyModel("a tiny LLaVA with a Phi-2 LM", _tiny("build_llava_phi", "phi")),
     "tiny-qwen2-vl": TinyModel("a tiny Qwen2-VL", _tiny("build_qwen2_vl")),
     "tiny-qwen2.5-vl": TinyModel("a tiny Qwen2.5-VL", lambda: tiny.build_qwen2_vl(seed=0, version="2.5")),
 }

@@ -284,7 +284,7 @@ def neo_token_sets(span: ImageSpan, objects: Mapping[int, Tensor], last: int) ->
     Args:
         span: the example's `ImageSpan` (from `model.positions(**inputs).image[b][0]`); its last row is the image
             tokens of the patch grid's last row.
-        objects: {buffer: patch mask [grid, grid] bool (or row-major patch indices)} for buffers 0, 1 and 2 (from
+        objects: {buffer: patch mask [rows, cols] bool (or row-major patch indices)} for buffers 0, 1 and 2 (from
             `spatial.object_patches(..., buffer=b)`).
         last: the position of the example's last token (`positions.last[b]`).
     """

@@ -19,7 +19,7 @@ from hooked_vlm import HookedVLM, cli, corruption, metrics, patching
 from hooked_vlm.tiny import build_llava, random_image
 
 FAMILIES = {"tiny": "text_encoder", "tiny-llava": "lm", "tiny-instructblip": "lm",
-            "tiny-instructblip-t5": "lm_encoder"}  # --model -> the tower reading the prompt (the default sweep)
+            "tiny-instructblip-t5": "lm_encoder", "tiny-llava-phi": "lm"}  # --model -> the tower reading the prompt (the default sweep)
 
 
 def run(capsys, *argv):
