@@ -21,3 +21,14 @@ def assert_lm_layers_match_hf(cache, out, real: torch.Tensor, *, embeds_atol: fl
     for layer in range(n_layers):
         ours, ref = cache["lm", layer, "pattern"], out.attentions[layer]
         torch.testing.assert_close(ours.transpose(1, 2)[real], ref.transpose(1, 2)[real], atol=pattern_atol, rtol=0)
+
+
+def half_precision_error(hf, half, inputs, dtype: torch.dtype, position_ids: torch.Tensor) -> float:
+    """The largest |logit| difference between the half-precision hooked model `half` and HF's float32 model at the
+    real (non-pad) positions; checks the half logits are finite and in `dtype`."""
+    with torch.no_grad():
+        out = half(**{**inputs, "pixel_values": inputs["pixel_values"].to(dtype)})
+        ref = hf(**inputs, position_ids=position_ids).logits
+    keep = inputs["attention_mask"].bool()
+    assert out.dtype == dtype and torch.isfinite(out[keep]).all()
+    return (out.float()[keep] - ref[keep]).abs().max().item()

@@ -9,7 +9,7 @@ import torch
 
 from hooked_vlm import HookedLlava, HookedVLM
 from hooked_vlm.tiny import build_llava, random_image
-from lm_parity import assert_lm_layers_match_hf
+from lm_parity import assert_lm_layers_match_hf, half_precision_error
 
 IMAGES = [random_image((40, 30), seed=0), random_image((50, 50), seed=1)]
 PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
@@ -208,12 +208,7 @@ HALF_ATOL = {torch.bfloat16: 0.11, torch.float16: 0.013}
 
 
 def _half_error(hf, half, inputs, dtype):
-    with torch.no_grad():
-        out = half(**{**inputs, "pixel_values": inputs["pixel_values"].to(dtype)})
-        ref = hf(**inputs, position_ids=mask_positions(inputs)).logits
-    keep = inputs["attention_mask"].bool()
-    assert out.dtype == dtype and torch.isfinite(out[keep]).all()
-    return (out.float()[keep] - ref[keep]).abs().max().item()
+    return half_precision_error(hf, half, inputs, dtype, mask_positions(inputs))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

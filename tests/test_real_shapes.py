@@ -172,6 +172,20 @@ def _streams(model: HookedVLM, inputs, towers: dict[str, str], extra: tuple[str,
         return model.run_with_cache(**inputs, names_filter=lambda name: name in wanted)
 
 
+def _hf_llava_run(hf, inputs):
+    """HF LLaVA's forward spelled out so that its intermediates come back: the vision tower's hidden states, the
+    projected image features, the LM's hidden states and the logits."""
+    with torch.no_grad():
+        image = hf.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default", output_hidden_states=True)
+        ids = inputs["input_ids"]
+        features = torch.cat(list(image.pooler_output))
+        embeds = hf.get_input_embeddings()(ids).masked_scatter((ids == hf.config.image_token_id)[..., None], features)
+        out = hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                                      output_hidden_states=True)
+        return image, features, out, hf.lm_head(out.last_hidden_state)
+
+
 @pytest.mark.slow
 def test_llava_real_shapes_match_hf_per_layer():
     """CLIP-L/14-336 (24 layers, 577 positions), the projector and a 2-layer Llama at d 4096 with the 32064-token
@@ -183,15 +197,7 @@ def test_llava_real_shapes_match_hf_per_layer():
     logits, cache = _streams(model, inputs, {"vision": "post", "lm": "post"},
                              ("vision.ln_pre.hook_normalized", "projector.hook_out", "lm.hook_inputs_embeds",
                               "lm.ln_final.hook_normalized"))
-    with torch.no_grad():
-        image = hf.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-2,
-                                            vision_feature_select_strategy="default", output_hidden_states=True)
-        ids = inputs["input_ids"]
-        features = torch.cat(list(image.pooler_output))
-        embeds = hf.get_input_embeddings()(ids).masked_scatter((ids == hf.config.image_token_id)[..., None], features)
-        out = hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                      output_hidden_states=True)
-        ref_logits = hf.lm_head(out.last_hidden_state)
+    image, features, out, ref_logits = _hf_llava_run(hf, inputs)
     pairs = {"vision.ln_pre": (cache["vision.ln_pre.hook_normalized"], image.hidden_states[0]),
              "projector": (cache["projector.hook_out"][0], features),
              "lm.embeds": (cache["lm.hook_inputs_embeds"], out.hidden_states[0]),
@@ -394,15 +400,7 @@ def _llava_pairs(hf, model: HookedVLM, inputs) -> dict[str, tuple[torch.Tensor, 
     block, its final norm and the logits."""
     logits, cache = _streams(model, inputs, {"vision": "post", "lm": "pre"},
                              ("vision.ln_pre.hook_normalized", "projector.hook_out", "lm.ln_final.hook_normalized"))
-    with torch.no_grad():
-        image = hf.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-2,
-                                            vision_feature_select_strategy="default", output_hidden_states=True)
-        ids = inputs["input_ids"]
-        features = torch.cat(list(image.pooler_output))
-        embeds = hf.get_input_embeddings()(ids).masked_scatter((ids == hf.config.image_token_id)[..., None], features)
-        out = hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                      output_hidden_states=True)
-        ref_logits = hf.lm_head(out.last_hidden_state)
+    image, features, out, ref_logits = _hf_llava_run(hf, inputs)
     n_lm = model.tower_info("lm").n_layers
     pairs = {"vision.ln_pre": (cache["vision.ln_pre.hook_normalized"], image.hidden_states[0]),
              "projector": (cache["projector.hook_out"][0], features),
