@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from hooked_vlm import HookedVLM
+from hooked_vlm import HookedVLM, spatial
 from hooked_vlm.metrics import answer_token
 
 
@@ -86,17 +87,13 @@ def to(inputs: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def llava_prompt(question: str) -> str:
-    return f"USER: <image>\n{question} Please answer with a single word.\nASSISTANT:"
+def image_geometry(model: HookedVLM, size: tuple[int, int]) -> spatial.ImageGeometry:
+    """How `model`'s processor maps an image of `size` (width, height) onto its token grid, the grid always filled
+    in: the processor's own where it sizes each image's grid (Qwen2-VL), else the model's fixed one (LLaVA-1.5: 24 x
+    24), so that callers need no `grid` argument whatever the family."""
+    geometry = spatial.processor_geometry(model.processor, size)
+    if geometry.grid is None:
+        grid = model.cfg.vision.grid
+        geometry = dataclasses.replace(geometry, grid=(grid, grid))
+    return geometry
 
-
-def object_patches(image, size: int, grid: int, background=(240, 240, 232)) -> list[tuple[int, int]]:
-    """(row, col) of the patches that show something other than the background, on the model's view of the image
-    (resized to `size`): the object tokens of a synthetic scene."""
-    import numpy as np
-
-    pixels = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.int16)
-    differs = np.abs(pixels - np.array(background)).sum(-1) > 30
-    cell = size // grid
-    return [(r, c) for r in range(grid) for c in range(grid)
-            if differs[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].mean() > 0.1]

@@ -11,6 +11,12 @@ P3  attention and cross-attention: the image embeddings times 0.7691 (the second
 P4  heatmaps: per example for the first two (the repository's Question_Enc_1/2 and Answer_Dec_1/2), and the mean
     over examples with the questions aligned on their last token.
 
+Other families (--model llava-hf/llava-1.5-7b-hf, a LLaVA-Phi or Qwen2-VL checkpoint) run the same protocol on their
+towers: one LM reads the question with the image tokens in its sequence and predicts the answer, so P1 traces its
+positions after the image (restoring an image token would undo the corruption rather than trace how the text
+reads it), P2 is P1's last column and not run apart, and P3 runs where the LM has the stream (no cross-attention;
+no resid_mid in Phi-2's parallel block). Figures are then named after the tower (lm_1.png, lm_attention_w3.png).
+
     python examples/blip_causal_tracing.py [--model Salesforce/blip-vqa-base] [--pairs 4]
     python examples/blip_causal_tracing.py --model Salesforce/blip-vqa-base \\
         --data color_coco_qa.csv --images coco/train2017 --pairs 100
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 
 from _common import load, parser
-from hooked_vlm import corruption, patching, plot, view
+from hooked_vlm import corruption, evaluation, names, patching, plot, view
 from hooked_vlm.data import coco_qa
 
 
@@ -43,36 +49,58 @@ def main(argv: list[str] | None = None) -> int:
     questions = load_questions(args)
     model = load(args.model, "blip-vqa", args.device, args.dtype)
 
-    examples, ids, answers = [], [], []
+    examples, ids, answers, after_image = [], [], [], []
     tok = model.processor.tokenizer
     for qid, image, question in questions:
-        inputs = model.processor(images=image, text=question, return_tensors="pt").to(args.device)
+        inputs = model.processor(images=image, text=evaluation.prompt(model, question),  # BLIP: the question as is
+                                 return_tensors="pt").to(args.device)
         with torch.no_grad():
             answer = model(**inputs)[:, -1].argmax(-1)  # the model's own first answer token (the notebooks' `pred`)
         examples.append((inputs, answer))
         ids.append(qid)
         answers.append(tok.convert_ids_to_tokens(answer.tolist())[0])
+        positions = model.positions(**inputs)
+        if positions.image and positions.image[0]:  # the prompt tower's sequence holds the image's tokens
+            after_image.append(int(positions.last[0]) - positions.image[0][-1].stop + 1)
+
+    # the towers: BLIP's question encoder reads the image by cross-attention and its answer decoder predicts; a
+    # decoder-only LM (LLaVA, Qwen2-VL) does both, its answer read at the prompt's last position
+    question_tower, answer_tower = model.prompt_tower, model.output_tower
+    separate = question_tower != answer_tower
+    question_name = "question_encoder" if separate else question_tower
+    # cells of the question tower: every token (BLIP), or the tokens after the image, counted from the end so that
+    # they line up across questions (as many as the shortest question has)
+    cells = list(range(-min(after_image), 0)) if after_image else None
+    if cells is not None:
+        print(f"{question_name}: tracing the last {len(cells)} positions (after the image tokens) of each prompt")
 
     noise = corruption.multiplicative(1.0, args.noise_std, redraw="forward", seed=args.seed)
     constant = corruption.scale(args.scale)
-    protocol = {  # name: (tower, corruption, kind, window, samples)
-        "question_encoder": ("text_encoder", noise, "resid", 1, args.samples),
-        "answer_decoder": ("text_decoder", noise, "resid", 1, args.samples),
-        f"question_encoder_attention_w{args.window}": ("text_encoder", constant, "resid_mid", args.window, 1),
-        f"question_encoder_crossattention_w{args.window}": ("text_encoder", constant, "resid_mid_cross",
-                                                            args.window, 1),
-    }
+    # name: (tower, corruption, kind, window, samples)
+    protocol = {question_name: (question_tower, noise, "resid", 1, args.samples)}
+    if separate:
+        protocol["answer_decoder"] = (answer_tower, noise, "resid", 1, args.samples)
+    for where, stream in (("mid", "attention"), ("mid_cross", "crossattention")):
+        name = f"{question_name}_{stream}_w{args.window}"
+        n_layers = model.tower_info(question_tower).n_layers
+        if any(names.resid(question_tower, i, where) in model.hook_dict for i in range(n_layers)):
+            protocol[name] = (question_tower, constant, f"resid_{where}", args.window, 1)
+        else:
+            print(f"({name} skipped: no block of {question_tower!r} has resid_{where}, the stream after its "
+                  f"{stream})")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model or "tiny blip-vqa (random weights)", "examples": ids, "answers": answers}
     for name, (tower, corrupt, kind, window, samples) in protocol.items():
         results = patching.sweep_results(patching.causal_trace, model, examples, ids=ids, answers=answers,
                                          tower=tower, corrupt=corrupt, kind=kind, window=window, samples=samples,
-                                         normalize=True, batch_size=args.batch_size, progress=False)
+                                         positions=cells if tower == question_tower else None, normalize=True,
+                                         batch_size=args.batch_size, progress=False)
         record[name] = {"settings": results.settings, "corruption": results.corruption[0]}
-        cmap = "Reds" if tower == "text_decoder" else "Purples"
+        one_step = separate and tower == answer_tower  # the answer decoder: its one position, the first step
+        cmap = "Reds" if one_step else "Purples"
         if kind == "resid":  # P4: the first two examples, as the repository's figures
             for i in range(min(2, len(results))):
-                labels = results.tokens[i] or ["[DEC]"]
+                labels = cell_labels(results, i)
                 path = plot.heatmap(results.values[i], args.out / f"{name}_{i + 1}.png", cmap=cmap, centered=False,
                                     title=f"{name}: restoring after corrupted image, p({answers[i]})",
                                     xlabel="token", xticklabels=labels)
@@ -80,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 view.sweep(results.values[i], args.out / f"{name}_{i + 1}.html", kind="positions", model=model,
                            inputs=examples[i][0], tower=tower, labels=labels, centered=False,
                            title=f"{name}: restoring after corrupted image, p({answers[i]})")
-        if tower == "text_decoder":
+        if one_step:
             mean, labels = results.mean(), ["[DEC]"]
         else:  # questions of different lengths: aligned on their last token
             aligned = results.aligned("last")
@@ -101,6 +129,14 @@ def load_questions(args) -> list[tuple[str, object, str]]:
         return [(ex.id, ex.image.load(), ex.question) for ex in coco_qa(args.data, args.images, limit=args.pairs)]
     pairs = corruption.synthetic_pairs(args.pairs, "color", seed=args.seed)
     return [(str(i), pair.clean_image, pair.prompt) for i, pair in enumerate(pairs)]
+
+
+def cell_labels(results: patching.SweepResults, i: int) -> list[str]:
+    """Example i's token at each traced cell; "[DEC]" for the answer decoder's one step (no tokens of its own)."""
+    tokens, cells = results.tokens[i], results.cell_positions[i]
+    if not tokens:
+        return ["[DEC]"]
+    return [tokens[int(p)] for p in cells] if cells is not None else tokens
 
 
 def describe(trace: torch.Tensor, labels: list[str]) -> str:

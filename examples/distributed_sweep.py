@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from _common import first_token, llava_prompt, load, parser, to
-from hooked_vlm import analysis, corruption, distributed, metrics, patching
+from _common import first_token, load, parser, to
+from hooked_vlm import analysis, corruption, distributed, evaluation, metrics, patching
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = corruption.synthetic_pairs(args.pairs, "color", seed=3)
     examples = []
     for pair in pairs:  # cheap to build everywhere; each process runs only its share of the sweeps
-        clean, corrupt = (to(processor(images=img, text=llava_prompt(pair.prompt), return_tensors="pt"), device)
+        prompt = evaluation.prompt(model, f"{pair.prompt} Please answer with a single word.")  # the family's chat
+        clean, corrupt = (to(processor(images=img, text=prompt, return_tensors="pt"), device)
                           for img in (pair.clean_image, pair.corrupt_image))
         metric = metrics.logit_diff(first_token(tok, pair.answer), first_token(tok, pair.wrong_answer))
         examples.append((clean, corrupt, metric))

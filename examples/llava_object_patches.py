@@ -1,6 +1,8 @@
 """LLaVA: restore the image tokens of the object's patches, layer by layer, as one span-patching sweep.
 
-The clean image shows a red square on grey, the corrupted one a blue square at the same place. For each LM layer,
+The clean image shows a red square on grey, the corrupted one a blue square at the same place (the top-left
+quadrant of the model's token grid, drawn over exactly those patches as the processor maps them: any family whose
+image tokens sit in the LM's sequence, LLaVA-1.5, LLaVA-Phi, Qwen2-VL). For each LM layer,
 the corrupted run gets the clean residual stream (`lm.blocks.{L}.hook_resid_pre`) at a group of positions patched
 together: the image tokens that show the square (`patching.ImagePatches(rows, cols)`, looked up by patch-grid row
 and column in `cache.positions`, i.e. `model.positions(**inputs)`: no hard-coded offset), every image token, the
@@ -18,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import load, parser
-from hooked_vlm import metrics, patching, plot, view
+from _common import image_geometry, load, parser
+from hooked_vlm import evaluation, metrics, patching, plot, view
 
-PROMPT = "USER: <image>\nWhat color is the square? ASSISTANT: The square is"
+SIDE = 336  # the picture's side in pixels: LLaVA-1.5's view; other processors resize it as they resize any image
 
 
 def square_image(size: int, box: tuple[int, int, int, int], rgb: tuple[int, int, int]) -> Image.Image:
@@ -36,17 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0], "llava_object_patches")
     args = p.parse_args(argv)
     model = load(args.model, "llava", args.device, args.dtype)
-    size, patch = model.cfg.vision.image_size, model.cfg.vision.patch_size
-    box = (0, 0, size // 2, size // 2)  # the top-left quadrant, so that it covers whole patches
-    clean = model.processor(images=square_image(size, box, (220, 20, 20)), text=PROMPT, return_tensors="pt")
-    corrupt = model.processor(images=square_image(size, box, (20, 20, 220)), text=PROMPT, return_tensors="pt")
+    geometry = image_geometry(model, (SIDE, SIDE))
+    grid_rows, grid_cols = geometry.grid
+    rows, cols = range(max(1, grid_rows // 2)), range(max(1, grid_cols // 2))  # the grid's top-left quadrant
+    # the box over exactly those patches, in the picture's pixels (the processor's resize and crop undone)
+    x0, y0, _, _ = geometry.patch_box(rows[0], cols[0])
+    _, _, x1, y1 = geometry.patch_box(rows[-1], cols[-1])
+    box = (max(0, round(x0)), max(0, round(y0)), min(SIDE, round(x1)), min(SIDE, round(y1)))
+    prompt = evaluation.prompt(model, "What color is the square?", suffix=" The square is")
+    clean = model.processor(images=square_image(SIDE, box, (220, 20, 20)), text=prompt, return_tensors="pt")
+    corrupt = model.processor(images=square_image(SIDE, box, (20, 20, 220)), text=prompt, return_tensors="pt")
     clean, corrupt = clean.to(args.device), corrupt.to(args.device)
 
     tok = model.processor.tokenizer
     red, blue = (tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("red", "blue"))
     metric = metrics.logit_diff(red, blue)  # at the last position
 
-    rows, cols = range(box[1] // patch, -(-box[3] // patch)), range(box[0] // patch, -(-box[2] // patch))
     square = patching.ImagePatches(rows, cols)  # the square's image tokens, found in model.positions(**clean)
     (span,) = model.positions(**clean).image[0]
     print(f"image tokens {span.start}..{span.stop - 1}; the square covers patch rows {list(rows)}, columns "

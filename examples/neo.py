@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from _common import load, parser
+from _common import image_geometry, load, parser
 from hooked_vlm import analysis, evaluation, interventions, metrics, plot, spatial, view
 from hooked_vlm.data import coco_instances, collate, neo_filter
 from hooked_vlm.integrated_gradients import integrated_gradients
@@ -61,14 +61,16 @@ def arguments(argv: list[str] | None):
 
 # ------------------------------------------------------------------------------------------ data
 def synthetic_coco(folder: Path, n: int, seed: int) -> Path:
-    """`n` scenes (320 x 213, like a halved 640 x 427 COCO image) with one object of 1000-2000 px² and one larger
-    object of another category, written as a COCO instances file; returns its path."""
+    """`n` scenes (320 x 213 and, every other one, 213 x 320: halved 640 x 427 COCO images, landscape and portrait,
+    so that a model that sizes each image's token grid from the image, as Qwen2-VL, gets two grids) with one object
+    of 1000-2000 px² and one larger object of another category, written as a COCO instances file; returns its
+    path."""
     rng = random.Random(seed)
     names = ["car", "table", "couch", "man", "woman", "street"]
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
-        W, H = 320, 213
+        W, H = (320, 213) if i % 2 == 0 else (213, 320)
         image = Image.new("RGB", (W, H), (235, 235, 225))
         draw = ImageDraw.Draw(image)
         # the larger object first, so that the small one (the one the filter selects) is drawn whole on top
@@ -143,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = args.model is None
     max_new = args.max_new_tokens or (TINY_MAX_NEW_TOKENS if tiny else 200)
     tok = model.processor.tokenizer
-    grid, hook = model.cfg.vision.grid, model.image_embeddings_hook
-    n_tokens = model.cfg.tokens_per_image
+    hook = model.image_embeddings_hook
     torch.manual_seed(args.seed)
     chosen = select(args)
     images = [image.image.load() for image, _ in chosen]
@@ -152,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     bs = args.batch_size
     print(f"{len(chosen)} images; classes {names}")
 
-    # object patches through the processor's own resize and crop, buffers 0/1/2
+    # object patches through the processor's own resize and crop, buffers 0/1/2, on each image's token grid (one
+    # grid for every image on LLaVA-1.5; Qwen2-VL sizes each image's grid from the image's size)
+    geometries = [image_geometry(model, pil.size) for pil in images]
     objects = []
-    for (image, ann), pil in zip(chosen, images):
-        geometry = spatial.processor_geometry(model.processor, pil.size)
+    for (image, ann), geometry in zip(chosen, geometries):
         mask = spatial.annotation_mask(ann.raw, image.height, image.width)
-        objects.append({b: spatial.object_patches(mask, geometry, grid, buffer=b) for b in (0, 1, 2)})
+        objects.append({b: spatial.object_patches(mask, geometry, buffer=b) for b in (0, 1, 2)})
 
     # E1: the mean visual token, over the images x their tokens (the authors: 50k ImageNet images)
     if args.mean is not None:
@@ -190,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     # patches of the image are noised
     clean = evaluation.identification(model, images, names, max_new_tokens=max_new, poll_tokens=args.poll_tokens,
                                       batch_size=bs)
-    noised_images = [spatial.noise_patches(pil, obj[0], spatial.processor_geometry(model.processor, pil.size),
-                                           seed=args.seed + i) for i, (pil, obj) in enumerate(zip(images, objects))]
+    noised_images = [spatial.noise_patches(pil, obj[0], geometry, seed=args.seed + i)
+                     for i, (pil, obj, geometry) in enumerate(zip(images, objects, geometries))]
     noised = evaluation.identification(model, noised_images, names, max_new_tokens=max_new,
                                        poll_tokens=args.poll_tokens, batch_size=bs)
     keep = clean.generative & ~noised.generative
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_curate:
         if keep.any():
             idx = torch.nonzero(keep).flatten().tolist()
-            images, names, objects, chosen = ([x[i] for i in idx] for x in (images, names, objects, chosen))
+            images, names, objects, chosen, geometries = ([x[i] for i in idx]
+                                                          for x in (images, names, objects, chosen, geometries))
             clean = evaluation.Identification(clean.generative[idx], clean.polling[idx],
                                               [clean.descriptions[i] for i in idx], [clean.answers[i] for i in idx])
         else:
@@ -253,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                       zip(spans, spatial.register_tokens(cache[hook], positions, k=2.0))]
         ig = integrated_gradients(model, inputs, yes, hook, baseline=mean, positions="image", steps=args.ig_steps,
                                   rule="linspace", batch_size=max(args.ig_batch_size, len(rows)))
-        ranked += [spatial.image_token_indices(s, p) for s, p in zip(spans, ig.top(hook, n_tokens))]
-    ks = [k for k in KS if k <= n_tokens] or [n_tokens]
+        every = max(len(s.indices) for s in spans)  # ranks all of each image's tokens
+        ranked += [spatial.image_token_indices(s, p) for s, p in zip(spans, ig.top(hook, every))]
+    n_tokens = [len(r) for r in ranked]  # each image's token count (per image where the grid follows its size)
+    ks = [k for k in KS if k <= min(n_tokens)] or [min(n_tokens)]
     generator = torch.Generator().manual_seed(args.seed)
     sets = {"register": registers}
     for k in ks:
         sets[f"ig{k}"] = [r[:k] for r in ranked]
-        sets[f"random{k}"] = [torch.randperm(n_tokens, generator=generator)[:k] for _ in images]
+        sets[f"random{k}"] = [torch.randperm(n, generator=generator)[:k] for n in n_tokens]
     for name, token_sets in sets.items():
         results[name] = evaluate(evaluation.replace_image_tokens(model, token_sets, mean))
         print(f"E3 {name:9s}: generative {results[name]['generative']:.2f}  polling {results[name]['polling']:.2f}  "
@@ -282,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     # E4: logit lens at the image tokens ("Describe the image."), and where the class's first token shows up
     describe = [evaluation.prompt(model, "Describe the image.")] * len(images)
     inside, outside, first_lens = [], [], None
-    for rows, inputs in evaluation.batches(model, images, describe, bs):
+    # the lens reads [B, patches] positions: images whose grids differ (Qwen2-VL) are read one at a time
+    same_grid = len({g.grid for g in geometries}) == 1
+    for rows, inputs in evaluation.batches(model, images, describe, bs if same_grid else 1):
         positions = model.positions(**inputs)
         spans = [positions.image[b][0] for b in range(len(rows))]
         patch_pos = torch.stack([s.indices[s.rows >= 0] for s in spans])  # [B, grid*grid], row-major patches
@@ -297,13 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     top1 = first_lens.probs[:, 0, :, 0]  # [layers, patches] of the first image
     plot.heatmap(top1, args.out / "E4_logit_lens_image_tokens.png", xlabel="image token (row-major patch)",
                  title="E4 logit lens: top-1 probability at each image token", centered=False, cmap="viridis")
-    geometry = spatial.processor_geometry(model.processor, images[0].size)
+    geometry = geometries[0]
     left, top, w, h = geometry.crop
     seen = images[0].resize(geometry.resized, Image.BICUBIC).crop((left, top, left + w, top + h))
-    plot.patch_overlay(seen, top1[-1], args.out / "E4_logit_lens_last_layer.png", grid=grid,
+    plot.patch_overlay(seen, top1[-1].view(geometry.grid), args.out / "E4_logit_lens_last_layer.png",
                        title="E4 last layer, top-1 probability per patch", centered=False, cmap="viridis")
     # as Neo et al.'s interactive viewer: each patch's top-1 token per layer, the top-5 on hover
-    view.lens(model, first_lens, args.out / "E4_logit_lens.html", inputs=first_inputs,
+    view.lens(model, first_lens, args.out / "E4_logit_lens.html", inputs=first_inputs, image=seen,
               title="E4 logit lens at the image tokens (first image)")
     inside_m, outside_m = torch.stack(inside).nanmean(0), torch.stack(outside).mean(0)
     fig, ax = plt.subplots(figsize=(5, 3))

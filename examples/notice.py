@@ -17,6 +17,10 @@ N3 module patching (denoising: the corrupted run with one clean activation), per
     python examples/notice.py [--model Salesforce/blip-vqa-base] [--llava-model llava-hf/llava-1.5-7b-hf]
                               [--data BLIP_final_mit_states.csv [--llava-data LLAVA_final_mit_states.csv]
                                [--image-root DIR]] [--pairs 4]
+
+N1-N6 need a --model whose question encoder reads the image by cross-attention (BLIP-VQA). A --model whose one LM
+reads the image tokens and predicts the answer (LLaVA-1.5, LLaVA-Phi, Qwen2-VL, Qwen2.5-VL) runs N7 instead: the
+BLIP parts are skipped, and --llava-model must then be left out.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from PIL import Image
 
 from _common import first_token, load, parser, to
-from hooked_vlm import HookedVLM, corruption, data, metrics, overlays, patching, plot, view
+from hooked_vlm import HookedVLM, corruption, data, evaluation, metrics, names, overlays, patching, plot, view
 from hooked_vlm.head_selection import select_heads, universal_heads
 
 COLOR_WORDS = ("red", "blue", "green", "yellow", "white", "black", "gray", "pink", "brown", "orange", "purple")
@@ -216,11 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pool = max(8 * args.pairs, 16)  # synthetic: candidates, since a tiny vocabulary cannot say every colour
     blip_items = file_items(args.data, args.image_root) if args.data else synthetic_items(pool)
-    task = blip_items[0].task if blip_items else "none"
     results: dict[str, Any] = {}
 
-    blip = Family("BLIP", load(args.model, "blip-vqa", args.device, args.dtype), "text_encoder",
-                  ("resid_post", "attn_out", "cross_attn_out"), ("cross_attn", "attn"), "first", lambda q: q, False)
+    model = load(args.model, "blip-vqa", args.device, args.dtype)
+    if reads_image_by_cross_attention(model):
+        blip_parts(args, model, blip_items, results)
+        llava_model = load(args.llava_model, "llava", args.device, args.dtype)
+    elif model.prompt_tower == model.output_tower:  # LLaVA-like: one LM reads the image tokens and answers
+        if args.llava_model:
+            raise SystemExit(f"--model {args.model} is a LLaVA-like model (N7), and so is --llava-model: pass one of "
+                             "them, or a BLIP-VQA model as --model for N1-N6")
+        print(f"N1-N6 skipped: they patch the cross-attention of BLIP's question encoder, and {args.model}'s "
+              f"{model.prompt_tower!r} reads the image tokens in its own sequence; N7 runs on it")
+        llava_model = model
+    else:
+        raise SystemExit(f"--model {args.model}: NOTICE runs on BLIP-VQA (its question encoder reads the image by "
+                         "cross-attention: N1-N6) and on models whose one LM reads the image tokens and predicts the "
+                         f"answer (LLaVA-1.5, LLaVA-Phi, Qwen2-VL: N7); this one reads the prompt in "
+                         f"{model.prompt_tower!r} and answers in {model.output_tower!r}")
+
+    # N7: LLaVA-like models, module and head patching in the LM
+    llava = Family(type(llava_model).__name__.removeprefix("Hooked"), llava_model, llava_model.prompt_tower,
+                   ("resid_post", "attn_out", "mlp_out"), ("attn",), "last",
+                   lambda q: q if "<image>" in q else evaluation.prompt(llava_model, q), True)
+    llava_items = (file_items(args.llava_data or args.data, args.image_root) if (args.llava_data or args.data)
+                   else blip_items)
+    for mode in ("sip", "str"):
+        res = results[f"llava_{mode}"] = run_mode(llava, llava_items, mode, args.pairs, args.device, args.batch_size)
+        if not res["items"]:
+            print(f"N7 {llava.name} {mode.upper()}: no usable example; skipped")
+            continue
+        figures(llava, mode, res, args.out, "n7", "n7")
+        print(f"N7 {llava.name} {mode.upper()} ({len(res['items'])} examples): heads at the token of interest, mean "
+              f"+ {args.k_std:g} std: {select_heads(torch.stack(res['heads_attn']), k_std=args.k_std)}")
+    torch.save(results, args.out / "notice_results.pt")
+    print(f"figures and results (notice_results.pt) in {args.out}")
+    return 0
+
+
+def reads_image_by_cross_attention(model: HookedVLM) -> bool:
+    """Whether the tower that reads the prompt attends to the image by cross-attention (BLIP's question encoder)."""
+    leaf = names.leaf("cross_attn", "z")
+    return any(names.block(model.prompt_tower, i, leaf) in model.hook_dict
+               for i in range(model.tower_info(model.prompt_tower).n_layers))
+
+
+def blip_parts(args, model: HookedVLM, blip_items: list[Item], results: dict[str, Any]) -> None:
+    """N1-N6 on BLIP-VQA: module and head patching in the question encoder, universal heads, their overlays."""
+    task = blip_items[0].task if blip_items else "none"
+    blip = Family("BLIP", model, model.prompt_tower, ("resid_post", "attn_out", "cross_attn_out"),
+                  ("cross_attn", "attn"), "first", lambda q: q, False)
     for mode in ("sip", "str"):
         res = results[f"blip_{mode}"] = run_mode(blip, blip_items, mode, args.pairs, args.device, args.batch_size)
         if not res["items"]:
@@ -273,24 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     # every cross-attention head at once, from any token: pick a layer and head, hover the question's tokens
     view.attention(blip.model, cache, args.out / "n6_attention.html", inputs=inputs,
                    title=f"N6: BLIP's question encoder reading the image ({item.question!r}; N6 heads {heads})")
-
-    # N7: LLaVA
-    llava_model = load(args.llava_model, "llava", args.device, args.dtype)
-    llava = Family("LLaVA", llava_model, "lm", ("resid_post", "attn_out", "mlp_out"), ("attn",), "last",
-                   lambda q: q if "<image>" in q else f"USER: <image>\n{q} ASSISTANT:", True)
-    llava_items = (file_items(args.llava_data or args.data, args.image_root) if (args.llava_data or args.data)
-                   else blip_items)
-    for mode in ("sip", "str"):
-        res = results[f"llava_{mode}"] = run_mode(llava, llava_items, mode, args.pairs, args.device, args.batch_size)
-        if not res["items"]:
-            print(f"N7 LLaVA {mode.upper()}: no usable example; skipped")
-            continue
-        figures(llava, mode, res, args.out, "n7", "n7")
-        print(f"N7 LLaVA {mode.upper()} ({len(res['items'])} examples): heads at the token of interest, mean + "
-              f"{args.k_std:g} std: {select_heads(torch.stack(res['heads_attn']), k_std=args.k_std)}")
-    torch.save(results, args.out / "notice_results.pt")
-    print(f"figures and results (notice_results.pt) in {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

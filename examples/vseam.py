@@ -13,6 +13,9 @@ V6 head contributions: each head's values replaced by the mean of the other head
 
     python examples/vseam.py [--model llava-hf/llava-1.5-7b-hf] [--family llava|instructblip] [--pairs 1000]
                              [--data data/GQA/Object_Level/Animal/Animal.json data/GQA/Attribute_Level/Color/Color.json]
+
+--model takes any family whose LM reads the image tokens (LLaVA-1.5, LLaVA-Phi, InstructBLIP-Vicuna, Qwen2-VL,
+Qwen2.5-VL); --family only picks the tiny default model and V8's seeds.
 """
 
 from __future__ import annotations
@@ -22,14 +25,21 @@ from pathlib import Path
 
 import torch
 
-from _common import llava_prompt, load, parser, to
-from hooked_vlm import analysis, corruption, data, metrics, patching, plot, view
+from _common import load, parser, to
+from hooked_vlm import analysis, corruption, data, evaluation, metrics, names, patching, plot, view
 
 STREAMS = ("resid_post", "attn_out", "resid_mid", "mlp_out")  # V5: block, attention, intermediate residual, MLP
+INSTRUCTION = "Please answer with a single word."
+# The authors' prompts, by the chat format (`model.prompt_template`) of the model they ran: LLaVA-1.5's, and
+# InstructBLIP's bare question. Other families get their own chat format around the question and INSTRUCTION.
+AUTHORS_PROMPTS = {"USER: <image>\n{question} ASSISTANT:": "USER: <image>\n{question} " + INSTRUCTION + "\nASSISTANT:",
+                   "{question}": "Question: {question} Answer using a single word."}
 
 
-def instructblip_prompt(question: str) -> str:
-    return f"Question: {question} Answer using a single word."
+def vseam_prompt(model, question: str) -> str:
+    """V-SEAM's prompt for `question` in `model`'s chat format (the authors' own where they ran that format)."""
+    authors = AUTHORS_PROMPTS.get(model.prompt_template)
+    return authors.format(question=question) if authors else evaluation.prompt(model, f"{question} {INSTRUCTION}")
 
 
 def subsets(args) -> dict[str, list[tuple[str, str, object, object]]]:
@@ -65,16 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = load(args.model, args.family, args.device, args.dtype)
     processor, tok = model.processor, model.processor.tokenizer
-    prompt = llava_prompt if args.family == "llava" else instructblip_prompt
+    if model.prompt_tower != model.output_tower:
+        raise SystemExit(f"vseam.py patches and reads the LM that holds the image tokens and predicts the answer; "
+                         f"this model reads the prompt in {model.prompt_tower!r} and answers in "
+                         f"{model.output_tower!r} (BLIP, InstructBLIP-T5): pass LLaVA-1.5, LLaVA-Phi, "
+                         "InstructBLIP-Vicuna, Qwen2-VL or Qwen2.5-VL")
+    lm = model.output_tower  # reads the prompt, image tokens included, and predicts the answer
     levels = subsets(args)
     level, rows = next(iter(levels.items()))
     answers = [metrics.answer_tokens(tok, answer) for _, answer, _, _ in rows]
 
     def encode(subset, image: int) -> dict:  # image 2: the clean image, 3: the edited one
-        return to(processor(images=[r[image] for r in subset], text=[prompt(r[0]) for r in subset],
+        return to(processor(images=[r[image] for r in subset], text=[vseam_prompt(model, r[0]) for r in subset],
                             padding=True, return_tensors="pt"), args.device)
 
-    n_layers = model.tower_info("lm").n_layers
+    n_layers = model.tower_info(lm).n_layers
     out = args.out
 
     # ---------------------------------------------------------------- V2-V4: patching clean -> edited image
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clean, corrupt = encode(rows, 2), encode(rows, 3)
     groups, logit_groups = (patching.patch_resid(model, clean, corrupt, delta_metric(corrupt, answers, logit),
-                                                 tower="lm", hook="resid_post", groups=["image", "text"],
+                                                 tower=lm, hook="resid_post", groups=["image", "text"],
                                                  batch_size=args.batch_size, progress=False)
                              for logit in (False, True))  # [L, 2] each: V2, V3
     plot.heatmap(groups, out / "v2_v3_group_patching.png", xticklabels=["image tokens (V2)", "text tokens (V3)"],
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             clean_g, corrupt_g = encode(subset, 2), encode(subset, 3)
             text = torch.stack(model.positions(**clean_g).text)  # [B, P] each question's text positions
             cells = patching.patch_resid(model, clean_g, corrupt_g, delta_metric(corrupt_g, [answers[i] for i in idx]),
-                                         tower="lm", hook=hook, positions=text,
+                                         tower=lm, hook=hook, positions=text,
                                          batch_size=args.batch_size, progress=False)  # [L, P]
             total[:, :length] += cells * len(idx)
             count[:length] += len(idx)
@@ -126,25 +141,31 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- V5: logit lens of the four streams
     first = torch.tensor([[ids[0]] for ids in fit_answers])
     last = model.positions(**fit).last[:, None]
-    lens = {hook: analysis.logit_lens(model, fit, tower="lm", hook=hook, positions=last, k=3, tokens=first)
-            for hook in STREAMS}
-    plot.heatmap(torch.stack([lens[h].token_probs[:, :, 0, 0].mean(1) for h in STREAMS], 1),
-                 out / "v5_logit_lens.png", xticklabels=list(STREAMS), centered=False, cmap="viridis",
+    # a parallel block (Phi-2's attention and MLP read the same input) has no intermediate residual
+    streams = [h for h in STREAMS if all(names.block(lm, i, names.leaf(h)) in model.hook_dict
+                                         for i in range(n_layers))]
+    for hook in sorted(set(STREAMS) - set(streams), key=STREAMS.index):
+        print(f"V5 {hook}: skipped, not every block of this LM has it (a parallel attention + MLP block has no "
+              "intermediate residual)")
+    lens = {hook: analysis.logit_lens(model, fit, tower=lm, hook=hook, positions=last, k=3, tokens=first)
+            for hook in streams}
+    plot.heatmap(torch.stack([lens[h].token_probs[:, :, 0, 0].mean(1) for h in streams], 1),
+                 out / "v5_logit_lens.png", xticklabels=streams, centered=False, cmap="viridis",
                  title="V5: P(answer's first sub-token) read off each stream at the last position")
-    for hook in STREAMS:
+    for hook in streams:
         top = [lens[hook].tokens[i][0][0][0] for i in range(n_layers)]
         print(f"V5 {hook:10s} top token per layer (question 0): {top}")
 
     # ---------------------------------------------------------------- V6: head contributions (fit split)
-    scores = analysis.head_scores(model, fit, fit_answers, tower="lm", batch_size=args.batch_size, progress=False)
+    scores = analysis.head_scores(model, fit, fit_answers, tower=lm, batch_size=args.batch_size, progress=False)
     for name in ("positive", "negative", "delta"):
         plot.heatmap(getattr(scores, name), out / f"v6_head_{name}.png", xlabel="head",
                      title=f"V6 {name} head scores (fit split)", centered=name == "delta")
     # click a head: its attention from the last token of the first fit question, over the image and the text
-    first_fit = {key: value[:1] for key, value in fit.items()}
-    _, head_cache = model.run_with_cache(**first_fit, names_filter=view.attention_names(model, ["lm"]))
+    first_fit = encode(rows[:1], 2)  # encoded alone: Qwen2-VL's pixel rows are patches, not one per question
+    _, head_cache = model.run_with_cache(**first_fit, names_filter=view.attention_names(model, [lm]))
     view.sweep(scores.delta, out / "v6_head_delta.html", kind="heads", model=model, cache=head_cache,
-               inputs=first_fit, tower="lm", title="V6 delta head scores (fit split); patterns of fit question 0")
+               inputs=first_fit, tower=lm, title="V6 delta head scores (fit split); patterns of fit question 0")
     del head_cache
     k = min(args.top, scores.positive.numel() // 2)
     # positive heads exist only if some fit example was answered correctly, negative ones if some was not
@@ -158,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     for other, other_rows in list(levels.items())[1:]:
         fit_rows = other_rows[:len(other_rows) // 2]
         other_scores = analysis.head_scores(model, encode(fit_rows, 2),
-                                            [metrics.answer_tokens(tok, r[1]) for r in fit_rows], tower="lm",
+                                            [metrics.answer_tokens(tok, r[1]) for r in fit_rows], tower=lm,
                                             batch_size=args.batch_size, progress=False)
         tops[other] = (set(other_scores.positive_heads(k)) if other_scores.correct.any() else set(),
                        set(other_scores.negative_heads(k)) if not other_scores.correct.all() else set())
-    names = list(tops)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
+    subset_names = list(tops)
+    for i, a in enumerate(subset_names):
+        for b in subset_names[i + 1:]:
             print(f"V7 top-{k} heads shared by {a} and {b}: positive {sorted(tops[a][0] & tops[b][0])}, "
                   f"negative {sorted(tops[a][1] & tops[b][1])}")
 
@@ -190,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    device=logits.device))
         return metrics.correct(logits, eval_answers).float().mean().item(), p_answer.mean().item()
 
-    before, after = evaluate(), evaluate(analysis.rescaling_hooks(model, scores, lam=args.lam, tower="lm"))
+    before, after = evaluate(), evaluate(analysis.rescaling_hooks(model, scores, lam=args.lam, tower=lm))
     print(f"V9 rescaling (lambda={args.lam}) on the evaluation split: accuracy {before[0]:.3f} -> {after[0]:.3f}, "
           f"mean P(answer) {before[1]:.5f} -> {after[1]:.5f}")
     print(f"figures in {out}")

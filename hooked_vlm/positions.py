@@ -93,6 +93,15 @@ class Positions:
         return mask
 
     @property
+    def image_examples(self) -> Int[Tensor, "n_images"]:
+        """The example each image of the batch belongs to, image by image in the order the inputs hold them (the
+        image spans in order, example by example): row i of a tower with one row per image (the vision tower and
+        projector of LLaVA and Qwen2-VL) belongs to example `image_examples[i]`. Several images in one prompt give
+        that example several rows; a text-only example has none. Each image is one span here, as every model's
+        `positions` gives them (a model whose images enter by cross-attention, such as BLIP, has no spans: empty)."""
+        return torch.tensor([b for b, spans in enumerate(self.image) for _ in spans], dtype=torch.long)
+
+    @property
     def text(self) -> list[Tensor]:
         """Per example, the positions of real tokens that are not image tokens."""
         out = []

@@ -647,6 +647,12 @@ def build_llava_phi(
     qk_layernorm: bool = False,
     sliding_window: int | None = None,
     rope_parameters: dict | None = None,
+    rope_theta: float = 10_000.0,
+    lm_inter: int | None = None,
+    lm_act: str | None = None,
+    norm_eps: float = 1e-5,
+    tie_word_embeddings: bool = False,
+    head_dim: int | None = None,
     **llava_kw: Any,
 ):
     """Tiny LLaVA whose ``text_config`` is Phi-2 (``lm="phi"``, ``PhiConfig``) or Phi-3 (``lm="phi3"``,
@@ -656,7 +662,10 @@ def build_llava_phi(
     ``partial_rotary_factor`` defaults to 0.4 for Phi-2 (Phi-2's own: with ``lm_hidden=80`` and 4 heads, 8 of each
     head's 20 dims rotate) and 1.0 for Phi-3 (Phi-3-mini's). ``qk_layernorm`` (Phi-2 only) adds HF's per-head q/k
     LayerNorms; ``sliding_window`` (Phi-3 only; Phi-3-mini-4k has 2047); ``rope_parameters`` replaces the rotary
-    settings entirely (e.g. a longrope dict, to check that it is refused). Returns ``(model, processor)``.
+    settings entirely (e.g. a longrope dict, to check that it is refused). ``lm_inter`` sets the MLP width (default
+    ``lm_hidden * inter_mult``), ``lm_act`` the MLP activation (default gelu_new for Phi-2, silu for Phi-3),
+    ``norm_eps`` the LayerNorm (Phi-2) or RMSNorm (Phi-3) eps, ``head_dim`` a head width other than
+    ``lm_hidden // heads`` (HF reads it where set). Returns ``(model, processor)``.
     """
     from transformers import Phi3Config, PhiConfig  # only this builder needs them
 
@@ -666,22 +675,27 @@ def build_llava_phi(
     vision_src, processor = build_llava(seed, randomize=False, lm_layers=1, heads=heads, **llava_kw)
     tok = processor.tokenizer
     factor = partial_rotary_factor if partial_rotary_factor is not None else (0.4 if lm == "phi" else 1.0)
-    rope = rope_parameters or {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": factor}
-    common = dict(vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_hidden * inter_mult,
+    rope = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": factor}
+    common = dict(vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_inter or lm_hidden * inter_mult,
                   num_hidden_layers=lm_layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                   max_position_embeddings=512, rope_parameters=rope, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  hidden_act=lm_act or ("gelu_new" if lm == "phi" else "silu"))
+    if head_dim is not None:
+        common["head_dim"] = head_dim
     if lm == "phi":
-        text = PhiConfig(**common, qk_layernorm=qk_layernorm, hidden_act="gelu_new")
+        text = PhiConfig(**common, qk_layernorm=qk_layernorm, layer_norm_eps=norm_eps)
     else:
         if qk_layernorm:
             raise ValueError("qk_layernorm is a Phi-2 option; Phi-3 has none")
-        text = Phi3Config(**common, sliding_window=sliding_window, original_max_position_embeddings=512)
+        text = Phi3Config(**common, sliding_window=sliding_window, original_max_position_embeddings=512,
+                          rms_norm_eps=norm_eps)
     src = vision_src.config
     cfg = LlavaConfig(vision_config=src.vision_config.to_dict(), text_config=text.to_dict(),
                       image_token_index=src.image_token_id, image_seq_length=src.image_seq_length,
                       vision_feature_layer=src.vision_feature_layer,
-                      vision_feature_select_strategy=src.vision_feature_select_strategy, projector_hidden_act="gelu")
+                      vision_feature_select_strategy=src.vision_feature_select_strategy, projector_hidden_act="gelu",
+                      tie_word_embeddings=tie_word_embeddings)
     model = _finish(_init_model(LlavaForConditionalGeneration, cfg, seed), seed, randomize)
     return model, processor
 
@@ -728,11 +742,33 @@ def build_qwen2_vl(
     mrope_section: Sequence[int] = (2, 3, 3),
     window_size: int = 16,
     fullatt_block_indexes: Sequence[int] = (1,),
+    vis_heads: int | None = None,
+    vis_inter: int | None = None,
+    vis_act: str | None = None,
+    vis_rope_theta: float = 10_000.0,
+    temporal: int = 2,
+    lm_inter: int | None = None,
+    lm_act: str = "silu",
+    rope_theta: float = 10_000.0,
+    rms_norm_eps: float = 1e-5,
+    tie_word_embeddings: bool = False,
+    use_sliding_window: bool = False,
+    rope_parameters: dict | None = None,
+    min_pixels: int = 16 * 16,
+    max_pixels: int = 48 * 48,
 ):
     """Tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``version="2.5"``) + a ``Qwen2VLProcessor`` (see
     :func:`qwen_processor`). The LM has grouped-query heads (``kv_heads``), q/k/v biases and multimodal rotary
     sections ``mrope_section`` (summing to d_head / 2); Qwen2.5's vision tower attends within windows of
-    ``window_size`` pixels except in ``fullatt_block_indexes``. Returns ``(model, processor)``."""
+    ``window_size`` pixels except in ``fullatt_block_indexes``. Returns ``(model, processor)``.
+
+    Further knobs (defaults as before): ``vis_heads`` (default ``heads``), ``vis_inter`` (the vision MLP width,
+    default ``2 * vis_hidden``; Qwen2-VL's ``mlp_ratio`` is ``vis_inter / vis_hidden`` and must be a whole number),
+    ``vis_act`` (default HF's: quick_gelu for Qwen2-VL, silu for Qwen2.5-VL), ``vis_rope_theta``, ``temporal``
+    (``temporal_patch_size``), ``lm_inter`` (default ``2 * lm_hidden``), ``lm_act``, ``rope_theta``,
+    ``rms_norm_eps``, ``tie_word_embeddings``, ``use_sliding_window`` and ``rope_parameters`` (replaces the LM's
+    rotary settings, e.g. a scaled rope to check that it is refused), and the processor's ``min_pixels`` /
+    ``max_pixels``."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
@@ -742,25 +778,32 @@ def build_qwen2_vl(
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_hidden * 2,
+    rope = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)}
+    text = dict(vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_inter or lm_hidden * 2,
                 num_hidden_layers=lm_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
-                                                              "mrope_section": list(mrope_section)},
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                max_position_embeddings=512, rope_parameters=rope, hidden_act=lm_act, rms_norm_eps=rms_norm_eps,
+                use_sliding_window=use_sliding_window, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vis_inter = vis_inter or vis_hidden * 2
+    common = dict(depth=vis_layers, num_heads=vis_heads or heads, patch_size=patch, spatial_merge_size=merge,
+                  temporal_patch_size=temporal, rope_parameters={"rope_type": "axial", "rope_theta": vis_rope_theta})
+    if vis_act is not None:
+        common["hidden_act"] = vis_act
     if version == "2":
-        vision = dict(depth=vis_layers, embed_dim=vis_hidden, hidden_size=lm_hidden, num_heads=heads, mlp_ratio=2,
-                      patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2)
-        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        if vis_inter % vis_hidden:
+            raise ValueError(f"Qwen2-VL sizes the vision MLP by a whole mlp_ratio: vis_inter={vis_inter} must be a "
+                             f"multiple of vis_hidden={vis_hidden}")
+        vision = dict(embed_dim=vis_hidden, hidden_size=lm_hidden, mlp_ratio=vis_inter // vis_hidden, **common)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings, **ids)
         cls = Qwen2VLForConditionalGeneration
     else:
-        vision = dict(depth=vis_layers, hidden_size=vis_hidden, out_hidden_size=lm_hidden,
-                      intermediate_size=vis_hidden * 2, num_heads=heads, patch_size=patch, spatial_merge_size=merge,
-                      temporal_patch_size=2, window_size=window_size,
-                      fullatt_block_indexes=list(fullatt_block_indexes))
-        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        vision = dict(hidden_size=vis_hidden, out_hidden_size=lm_hidden, intermediate_size=vis_inter,
+                      window_size=window_size, fullatt_block_indexes=list(fullatt_block_indexes), **common)
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
     model = _finish(_init_model(cls, cfg, seed), seed, randomize)
-    return model, qwen_processor(tok, patch=patch, merge=merge)
+    return model, qwen_processor(tok, patch=patch, merge=merge, temporal=temporal, min_pixels=min_pixels,
+                                 max_pixels=max_pixels)
 
 
 # ----------------------------------------------------------------------------------------- InstructBLIP-Flan-T5-XL shapes

@@ -94,17 +94,20 @@ class Slice:
 # TransformerLens's tables (transformer_lens.utils.get_act_name), and where hooked_vlm's names go further.
 _NAME_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
                  "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
-_LAYER_TYPE_ALIASES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}
+_LAYER_TYPE_ALIASES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": "",
+                       # hooked_vlm's: the per-head q/k norms by their own names (TL's layer_type is "attn.q_norm")
+                       "q_norm": "attn.q_norm", "k_norm": "attn.k_norm"}
 _ATTN = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")  # inside attn (or cross_attn)
 _MLP = ("pre", "pre_linear", "post")  # inside mlp (or the Q-Former's mlp_text)
 _NORM = ("scale", "normalized")  # inside a norm: layer_type names it; ln_final without a layer
 _IN_BLOCK = ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out", "cross_attn_out", "mlp_out")
 _TOWER_LEVEL = ("embed", "pos_embed", "inputs_embeds", "query_tokens")
 # the modules each kind of name may sit in: TL's, then hooked_vlm's own (cross-attention, the Q-Former's text MLP,
-# post-LN towers' norms, vision towers' ln_pre / ln_post, BERT's embedding norm)
+# post-LN towers' norms, vision towers' ln_pre / ln_post, BERT's embedding norm); the attention's per-head q/k norms
+# (Phi-2's qk_layernorm) are where TL puts its own (Qwen3 / Gemma-3 `use_qk_norm`): attn.q_norm, attn.k_norm
 _ATTN_MODULES = ("attn", "cross_attn")
 _MLP_MODULES = ("mlp", "mlp_text")
-_BLOCK_NORMS = ("ln1", "ln2", "ln_cross", "ln_attn", "ln_mlp", "ln_mlp_text")
+_BLOCK_NORMS = ("ln1", "ln2", "ln_cross", "ln_attn", "ln_mlp", "ln_mlp_text", "attn.q_norm", "attn.k_norm")
 _TOWER_NORMS = ("ln_final", "ln_pre", "ln_post", "ln_embed")
 # TransformerLens hooks that hooked_vlm does not have, and what to hook instead
 _ABSENT = {
@@ -143,7 +146,10 @@ def get_act_name(name: str, layer: int | str | None = None, layer_type: str | No
     "hook_embed") gets `tower` put in front. Beyond TL's table: layer_type "cross_attn" for cross-attention
     (`get_act_name("pattern", 2, "cross_attn", tower="text_decoder")`), "mlp_text" for the Q-Former's text MLP,
     the post-LN norms (ln_attn, ln_cross, ln_mlp) and tower norms (ln_post for vision towers, ln_pre, ln_embed);
-    the in-block names resid_mid_cross and cross_attn_out; the tower-level inputs_embeds and query_tokens.
+    the in-block names resid_mid_cross and cross_attn_out; the tower-level inputs_embeds and query_tokens. The
+    attention's per-head q/k norms (Phi-2 with qk_layernorm) are TL's layer_type "attn.q_norm" / "attn.k_norm", or
+    "q_norm" / "k_norm" for short: `get_act_name("scale", 0, "q_norm", tower="lm")` is
+    'lm.blocks.0.attn.q_norm.hook_scale'.
 
     Unlike TL, which builds any string, a name hooked_vlm has no hook for is a ValueError saying what to hook
     instead, and so is a block-level name without a layer, a tower-level one with a layer, or a negative layer

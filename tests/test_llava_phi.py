@@ -5,6 +5,7 @@ precision, generation, hook edits, conversion both ways, and the analyses on Phi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hooked_vlm import HookedLlava, HookedVLM, analysis, interventions, metrics,
 from hooked_vlm.tiny import build_llava_phi, random_image
 from lm_parity import assert_lm_layers_match_hf, half_precision_error
 
+GOLDEN = Path(__file__).parent / "golden"
 IMAGES = [random_image((40, 30), seed=0), random_image((50, 50), seed=1)]
 PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
 
@@ -198,9 +200,30 @@ def test_hook_edit_equals_hf_forward_hook(phi, site):
     torch.testing.assert_close(ours[keep], ref[keep], atol=FLOAT32_ATOL[True], rtol=0)
 
 
+@pytest.mark.parametrize("lm, kw, golden", [
+    ("phi", {"qk_layernorm": True}, "llava_phi2_hook_names.txt"),  # with HF's q/k norms, so that they are listed
+    ("phi3", {}, "llava_phi3_hook_names.txt"),
+], ids=["phi2", "phi3"])
+def test_every_hook_point_can_edit(lm, kw, golden):
+    """The ordered list of hook names is a public API: a change must be deliberate (update tests/golden); every hook
+    point, edited, changes the logits (none is computed and thrown away)."""
+    hf, processor = build_llava_phi(lm, seed=8, **kw)
+    model = HookedVLM.from_hf(hf, processor=processor)
+    inputs = processor(images=IMAGES[:1], text=PROMPTS[:1], return_tensors="pt")  # one example: ~90 forwards
+    assert list(model.hook_dict) == (GOLDEN / golden).read_text().split()
+    with torch.no_grad():
+        clean = model(**inputs)
+        inert = []
+        for name in model.hook_dict:
+            edit = (lambda t, hook: t * 2) if name.endswith("hook_scale") else (lambda t, hook: torch.zeros_like(t))
+            if torch.allclose(model.run_with_hooks(**inputs, fwd_hooks=[(name, edit)]), clean):
+                inert.append(name)
+    assert not inert, inert
+
+
 def test_parallel_block_hooks(phi2):
-    """Phi-2's block: one norm (ln1) read by attention and MLP, no hook_resid_mid and no ln2; every hook point
-    can edit the output (none is computed and thrown away)."""
+    """Phi-2's block: one norm (ln1) read by attention and MLP, no hook_resid_mid and no ln2 (that every hook
+    point edits the output is test_every_hook_point_can_edit's)."""
     hf, model, inputs = phi2
     block = [name.removeprefix("lm.blocks.0.") for name in model.hook_dict if name.startswith("lm.blocks.0.")]
     assert block == ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
@@ -208,14 +231,6 @@ def test_parallel_block_hooks(phi2):
                      "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k",
                      "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
                      "hook_attn_out", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
-    with torch.no_grad():
-        clean = model(**inputs)
-        inert = []
-        for name in (n for n in model.hook_dict if n.startswith("lm.")):
-            edit = (lambda t, hook: t * 2) if name.endswith("hook_scale") else (lambda t, hook: torch.zeros_like(t))
-            if torch.allclose(model.run_with_hooks(**inputs, fwd_hooks=[(name, edit)]), clean):
-                inert.append(name)
-    assert not inert, inert
 
 
 def test_resid_post_is_resid_pre_plus_both_outputs(phi2):

@@ -8,7 +8,7 @@ import torch
 
 from hooked_vlm import HookedVLM, metrics, patching
 from hooked_vlm.placement import unsplittable
-from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, random_image
+from hooked_vlm.tiny import build_blip, build_instructblip, build_llava, build_llava_phi, build_qwen2_vl, random_image
 
 IMAGES = [random_image(seed=5), random_image(seed=6)]
 
@@ -40,7 +40,39 @@ def blip_vqa():
                                           return_tensors="pt"), "text_encoder"
 
 
-@pytest.fixture(scope="module", params=[llava, instructblip_t5, blip_vqa], ids=lambda f: f.__name__)
+def llava_phi2():
+    """Phi-2's parallel block (one norm read by attention and MLP), with HF's per-head q/k norms."""
+    hf, processor = build_llava_phi("phi", seed=3, qk_layernorm=True)
+    maps = {"vision": "disk", "projector": "cpu", "lm.embed": "disk", "lm.blocks.0": "cpu", "lm.blocks.1": "disk",
+            "lm.rotary": "cpu", "lm.ln_final": "cpu", "lm.unembed": "disk"}
+    text = ["USER: <image>\nwhat is this? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
+    return hf, processor, maps, processor(images=IMAGES, text=text, padding=True, return_tensors="pt"), "lm"
+
+
+def _qwen(version):
+    hf, processor = build_qwen2_vl(seed=3, version=version)
+    # the vision tower and the patch merger hold parameters of their own: each is placed whole. `lm.rotary` holds
+    # no tensors (the multimodal rotary's cos / sin are computed from the [3, B, T] positions in each forward), but
+    # is a module of its own, so the map places it. Qwen2 and Qwen2.5 swap the devices: every module meets the disk.
+    disk, cpu = ("disk", "cpu") if version == "2" else ("cpu", "disk")
+    maps = {"vision": disk, "projector": cpu, "lm.embed": disk, "lm.rotary": cpu, "lm.blocks.0": cpu,
+            "lm.blocks.1": disk, "lm.ln_final": cpu, "lm.unembed": disk}
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    inputs = processor(images=[random_image((40, 30), seed=5), random_image((50, 50), seed=6)],
+                       text=[f"{image}what is this?", f"hi {image}"], padding=True, return_tensors="pt")
+    return hf, processor, maps, inputs, "lm"
+
+
+def qwen2_vl():
+    return _qwen("2")
+
+
+def qwen2_5_vl():
+    return _qwen("2.5")
+
+
+@pytest.fixture(scope="module", params=[llava, instructblip_t5, blip_vqa, llava_phi2, qwen2_vl, qwen2_5_vl],
+                ids=lambda f: f.__name__)
 def placed(request, tmp_path_factory):
     hf, processor, device_map, inputs, tower = request.param()
     folder = tmp_path_factory.mktemp("hooked")

@@ -282,17 +282,19 @@ def test_first_token_and_generate_batched_equal_one_by_one(qwen):
 
 
 # ------------------------------------------------------------------------------------------ saved processors
-@pytest.mark.parametrize("processor_class", ["ours", "Qwen2VLProcessor"])
+@pytest.mark.parametrize("processor_class", ["as saved", "Qwen2VLImageTextProcessor"])
 def test_from_pretrained_folder_loads_the_whole_processor(tmp_path, processor_class):
-    """A saved Qwen2-VL folder (HF's processor_class, or the torchvision-free one tiny.py saves) loads a processor
-    that expands the image placeholders, without torchvision; hooked_vlm's own folder keeps it."""
+    """A saved Qwen2-VL folder (as the tiny processor saves it now, or as it saved it before: its own class name and
+    no video processor) loads a processor that expands the image placeholders, without torchvision; hooked_vlm's
+    own folder keeps it."""
     import json
 
     hf, processor = build_qwen2_vl(seed=1)
     hf.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    if processor_class != "ours":
+    if processor_class != "as saved":
         config = json.loads((tmp_path / "processor_config.json").read_text())
+        config.pop("video_processor")
         (tmp_path / "processor_config.json").write_text(json.dumps({**config, "processor_class": processor_class}))
     model = HookedVLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert model.processor is not None and hasattr(model.processor, "image_processor")
@@ -306,6 +308,88 @@ def test_from_pretrained_folder_loads_the_whole_processor(tmp_path, processor_cl
     again = HookedVLM.from_pretrained(tmp_path / "hooked")
     assert torch.equal(again.processor(images=IMAGES[:1], text=PROMPTS[:1], return_tensors="pt")["input_ids"],
                        processor(images=IMAGES[:1], text=PROMPTS[:1], return_tensors="pt")["input_ids"])
+
+
+def test_saved_processor_is_hfs_qwen2vl_processor(tmp_path):
+    """The saved folder names HF's class (processor_config.json and tokenizer_config.json) and holds the video
+    processor config HF's AutoVideoProcessor needs, with the image processor's patch and resize settings."""
+    import json
+
+    _, processor = build_qwen2_vl(seed=1, version="2.5")
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert config["processor_class"] == "Qwen2VLProcessor"
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    image, video = config["image_processor"], config["video_processor"]
+    assert video.pop("video_processor_type") == "Qwen2VLVideoProcessor"
+    assert video == {k: image[k] for k in ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale",
+                                           "rescale_factor", "do_normalize", "image_mean", "image_std", "patch_size",
+                                           "temporal_patch_size", "merge_size")}
+    assert (video["patch_size"], video["size"]) == (4, {"shortest_edge": 256, "longest_edge": 2304})  # tiny's own
+    with pytest.raises(ValueError, match="does not push to the Hub"):
+        processor.save_pretrained(tmp_path / "pushed", push_to_hub=True)
+
+
+def _stand_in_video_processor(monkeypatch):
+    """HF's AutoVideoProcessor resolves the video processor class from the folder, and then needs torchvision to
+    build it: stand in for that last step (the class lookup), recording the class asked for and the config that HF's
+    own `get_video_processor_dict` finds in the folder. transformers exports VideoProcessorMixin (which the
+    processor checks its video processor against) only with torchvision: export it here."""
+    from transformers import processing_utils
+    from transformers.models.auto import video_processing_auto
+    from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
+
+    asked = []
+
+    class StandIn(VideoProcessorMixin):
+        def __init__(self, config):
+            self.config = config
+
+        @classmethod
+        def from_pretrained(cls, folder, **kwargs):
+            return cls(BaseVideoProcessor.get_video_processor_dict(folder)[0])
+
+    def load_backend_class(name, backend):
+        asked.append((name, backend))
+        return StandIn
+
+    monkeypatch.setattr(video_processing_auto, "_load_backend_class", load_backend_class)
+    monkeypatch.setattr(processing_utils.transformers_module, "VideoProcessorMixin", VideoProcessorMixin,
+                        raising=False)
+    return asked
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_hfs_auto_processor_loads_the_saved_folder(tmp_path, monkeypatch, version):
+    """Where torchvision is installed, processors.load_qwen2_vl_processor hands the folder to HF's AutoProcessor.
+    Pretending torchvision is there (find_spec) and standing in only for building the video processor (which
+    imports it), HF's own AutoProcessor loads the folder the tiny processor saved: HF's Qwen2VLProcessor, the video
+    processor class and config it finds, and the same inputs as the processor that saved it. Without the stand-in,
+    HF gets as far as the video processor's class and asks for torchvision."""
+    import importlib.util
+    import json
+
+    import transformers
+
+    from hooked_vlm.processors import load_qwen2_vl_processor, video_processor_config
+
+    _, processor = build_qwen2_vl(seed=1, version=version)
+    processor.save_pretrained(tmp_path)
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match="Qwen2VLVideoProcessor requires the Torchvision"):
+            transformers.AutoProcessor.from_pretrained(tmp_path)
+    asked = _stand_in_video_processor(monkeypatch)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torchvision" else real_find_spec(name, *a))
+    loaded = load_qwen2_vl_processor(tmp_path)
+    assert type(loaded) is transformers.Qwen2VLProcessor  # HF's class, not hooked_vlm's
+    assert asked == [("Qwen2VLVideoProcessor", "torchvision")]
+    written = json.loads(json.dumps(video_processor_config(processor.image_processor)))  # tuples as JSON lists
+    assert loaded.video_processor.config == written
+    ref = processor(images=IMAGES, text=PROMPTS, padding=True, return_tensors="pt")
+    ours = loaded(images=IMAGES, text=PROMPTS, padding=True, return_tensors="pt")
+    assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 def test_a_processor_that_loads_without_its_image_part_raises(tmp_path):
@@ -323,17 +407,14 @@ def test_a_processor_that_loads_without_its_image_part_raises(tmp_path):
         serialization.load_processor(tmp_path)
 
 
-@pytest.mark.no_typecheck  # the error under test is the sweep's own
-def test_vision_sweeps_refuse_a_prompt_with_several_images(qwen):
-    """The vision tower has one row per image: with two images in one prompt its rows are not the examples, and the
-    sweeps say so instead of pairing rows with the wrong examples."""
-    model, _, _, metric = qwen
-    images = IMAGES + [random_image((60, 30), seed=2)]
-    clean = model.processor(images=images, text=[PROMPTS[0], f"{IMG} and {IMG}"], padding=True, return_tensors="pt")
-    corrupt = {**clean, "pixel_values": clean["pixel_values"].flip(0)}
-    with pytest.raises(ValueError, match="has 3 rows but the batch has 2 examples"):
-        patching.patch_heads(model, clean, corrupt, metric, tower="vision", progress=False)
-    with pytest.raises(ValueError, match="has 3 rows but the batch has 2 examples"):
-        patching.patch_resid(model, clean, corrupt, metric, tower="vision", hook="resid_post", progress=False)
-    with pytest.raises(ValueError, match="has 3 rows but the batch has 2 examples"):
-        patching.ablation_sweep(model, clean, metric, tower="vision", progress=False)
+def test_vision_sweeps_split_into_chunks_equal_the_whole_batch(qwen):
+    """The vision tower's rows are the images, padded to the largest: a chunk of one example pads to its own image,
+    and a cell past it (position 100: padding for the 8 x 10 grid's 80 patches) patches nothing there. Several
+    images per prompt and text-only prompts: tests/test_multi_image_sweeps.py."""
+    model, clean, corrupt, metric = qwen
+    args = dict(tower="vision", hook="resid_post", positions=[0, 79, 100], progress=False)
+    whole = patching.patch_resid(model, clean, corrupt, metric, **args)
+    # measured max |chunked - whole| 0 on both versions
+    torch.testing.assert_close(patching.patch_resid(model, clean, corrupt, metric, batch_size=1, **args), whole,
+                               atol=1e-6, rtol=0)
+    assert whole.abs().sum() > 0

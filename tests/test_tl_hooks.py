@@ -80,6 +80,10 @@ def test_get_act_name_is_transformerlens_behind_a_tower(args, tl_name):
     (("resid_mid_cross", 1), {"tower": "lm_decoder"}, "lm_decoder.blocks.1.hook_resid_mid_cross"),
     (("cross_attn_out", 1), {"tower": "lm_decoder"}, "lm_decoder.blocks.1.hook_cross_attn_out"),
     (("inputs_embeds",), {"tower": "lm"}, "lm.hook_inputs_embeds"),
+    # the per-head q/k norms: TL's layer_type "attn.q_norm" (its string: blocks.{L}.{layer_type}.hook_{name}), or short
+    (("scale", 0, "attn.q_norm"), {"tower": "lm"}, "lm.blocks.0.attn.q_norm.hook_scale"),
+    (("normalized", 1, "k_norm"), {"tower": "lm"}, "lm.blocks.1.attn.k_norm.hook_normalized"),
+    (("scale2q_norm",), {"tower": "lm"}, "lm.blocks.2.attn.q_norm.hook_scale"),
     # full names: TransformerLens's get the tower; hooked_vlm's come back as they are
     (("blocks.3.attn.hook_pattern",), {"tower": "lm"}, "lm.blocks.3.attn.hook_pattern"),
     (("hook_embed",), {"tower": "vision"}, "vision.hook_embed"),
@@ -98,7 +102,7 @@ CALLS = [*[(n, 0, m) for n in ("q", "k", "v", "attn_scores", "pattern", "z", "re
          ("rot_q", 0, "attn"), ("rot_k", 0, "attn"), ("pre_linear", 0, "mlp"),
          *[(n, 0, m) for n in ("pre", "post") for m in ("mlp", "mlp_text")],
          *[(n, 0, m) for n in ("scale", "normalized") for m in ("ln1", "ln2", "ln_cross", "ln_attn", "ln_mlp",
-                                                                "ln_mlp_text")],
+                                                                "ln_mlp_text", "attn.q_norm", "attn.k_norm")],
          *[(n, None, m) for n in ("scale", "normalized") for m in ("ln_final", "ln_pre", "ln_post", "ln_embed")],
          *[(n, 0, None) for n in ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out",
                                   "cross_attn_out", "mlp_out")],
@@ -140,6 +144,8 @@ def test_get_act_name_reaches_every_hook_and_only_real_ones():
     (("k6", 2), {"tower": "lm"}, ValueError, "already holds a layer"),
     (("pattern", 0, "mlp"), {"tower": "lm"}, ValueError, "attn, cross_attn"),
     (("scale", 0), {"tower": "lm"}, ValueError, "ln1"),
+    (("scale", 0, "v_norm"), {"tower": "lm"}, ValueError, "attn.q_norm, attn.k_norm"),
+    (("scale", None, "q_norm"), {"tower": "lm"}, ValueError, "ln_final"),  # in the blocks only
     (("lm.blocks.0.hook_z",), {"tower": "vision"}, ValueError, "in tower 'lm'"),
     (("hook_z", 0), {"tower": "lm"}, ValueError, "full name takes no layer"),
 ])

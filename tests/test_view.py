@@ -4,6 +4,7 @@ driven in a real browser in test_view_browser.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -248,3 +249,59 @@ def test_pixel_values_that_are_not_images_leave_the_grid_on_grey():
     with pytest.warns(UserWarning, match="image="):
         assert image_payload(model, None, {"pixel_values": torch.zeros(20, 96)}, 0) is None
     assert image_payload(model, tiny.random_image(), {"pixel_values": torch.zeros(20, 96)}, 0)["width"] == 40
+
+
+MULTI = {  # example 0 text-only, example 1 one image, example 2 two images (rows 0, 1, 2 of the vision tower)
+    "qwen2-vl": (lambda: tiny.build_qwen2_vl(seed=2), "<|vision_start|><|image_pad|><|vision_end|>"),
+    "llava": (lambda: tiny.build_llava(seed=1), "<image>"),
+}
+
+
+@pytest.mark.parametrize("family", list(MULTI))
+def test_attention_of_several_images_and_a_text_only_example(family):
+    """The vision tower has one row per image (`Positions.image_examples`): example e's image k is its row, the
+    grid draws it; a text-only example leaves the vision tower's sets out."""
+    build, img = MULTI[family]
+    hf, processor = build()
+    model = HookedVLM.from_hf(hf, processor=processor)
+    images = [tiny.random_image((24, 16), seed=0), tiny.random_image((16, 32), seed=1),
+              tiny.random_image((32, 24), seed=2)]
+    inputs = processor(images=images, text=["no picture here", f"{img} what is it?", f"{img} or {img} which?"],
+                       padding=True, return_tensors="pt")
+    _, cache = model.run_with_cache(**inputs, names_filter=view.attention_names(model))
+    positions = cache.positions
+    assert positions.image_examples.tolist() == [1, 2, 2]
+    layer = names.block("vision", 0, "attn.hook_pattern")
+    qwen = "vision" in positions.towers
+    for example, image, row in [(0, 0, None), (1, 0, 0), (2, 0, 1), (2, 1, 2)]:
+        with pytest.warns(UserWarning, match="image=") if qwen else contextlib.nullcontext():
+            v = view.attention(model, cache, inputs=inputs, example=example, image_index=image, precision="float32",
+                               max_bytes=None)
+        payload = view.load_payload(v.html)
+        sets = {s["tower"]: s for s in payload["sets"]}
+        lm = decode(sets["lm"]["values"])
+        assert np.array_equal(lm[0], cache[names.block("lm", 0, "attn.hook_pattern")][example][:, sets["lm"]["queries"]]
+                              .float().numpy())
+        if row is None:
+            assert "vision" not in sets and payload["image"] is None
+            continue
+        values = decode(sets["vision"]["values"])
+        assert np.array_equal(values[0], cache[layer][row][:, sets["vision"]["queries"]].float().numpy())
+        # the prompt's axis numbers the chosen image 0: the grid draws that image's tokens
+        span = positions.image[example][image]
+        q = sets["lm"]["q_axis"]
+        assert q["image"][span.start:span.stop] == [0] * (span.stop - span.start)
+        if qwen:  # each image its own grid; the vision axis is that image's row
+            assert sets["vision"]["q_axis"]["rows"][:len(positions.towers["vision"].image[row][0].rows)] == \
+                positions.towers["vision"].image[row][0].rows.tolist()
+            assert payload["grid"] == [int(positions.towers["vision"].image[row][0].rows.max()) + 1,
+                                       int(positions.towers["vision"].image[row][0].cols.max()) + 1]
+        else:  # the image drawn is the row's pixels
+            assert payload["image"]["uri"] == image_data_uri(image_from_pixels(inputs["pixel_values"][row],
+                                                                               processor))[0]
+    with pytest.raises(ValueError, match="holds 1 image"):
+        view.attention(model, cache, example=1, image_index=1)
+    if not qwen:  # the other views (lens, sweep) draw the example's first image, found from the inputs
+        assert image_payload(model, None, inputs, 2)["uri"] == image_data_uri(
+            image_from_pixels(inputs["pixel_values"][1], processor))[0]
+        assert image_payload(model, None, inputs, 0) is None

@@ -173,9 +173,15 @@ class Attention(nn.Module):
         # q.k product can overflow and a masked score saturate, so hooking the pattern would change the result.
         # The pattern is cast back to the values' dtype, as HF's eager attention does.
         wide = torch.promote_types(q.dtype, torch.float32)
-        scores = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * self.cfg.scale
+        # Scaled and masked in place: the scores are a fresh [B, H, T, S] tensor, and each out-of-place step would
+        # allocate (and page-fault) another one that size; in place gives the same numbers, op for op.
+        scores = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)).mul_(self.cfg.scale)
         if bias is not None:
-            scores = scores + bias
+            fits = torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape
+            if fits and torch.result_type(scores, bias) == scores.dtype:
+                scores.add_(bias)
+            else:  # a mask wider than the scores (in shape or dtype) makes a new tensor, as it always did
+                scores = scores + bias
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype))
         return torch.matmul(pattern, v)

@@ -209,20 +209,38 @@ class _Setup:
         self.cache_device = cache_device = _check_cache_device(cache_device)
         self.B = _batch_size(clean)
         self.chunks = example_chunks(self.B, batch_size)
-        if len(self.chunks) > 1:
+        chunked = len(self.chunks) > 1
+        # the whole batch's positions: the cells and the corruption's mask are resolved on them; the images of
+        # each example (`Positions.image_examples`), for the chunks to take their examples' images
+        self.positions = self.clean_positions = self.clean_images = self.corrupt_images = None
+        if chunked:
             for inputs in (clean, corrupt if isinstance(corrupt, Mapping) else {}):
-                _check_batch_first(inputs, self.B)
+                _check_batch_first({k: v for k, v in inputs.items() if k not in IMAGE_INPUTS}, self.B)
+            self.clean_positions = self.positions = model.positions(**clean)
+            self.clean_images = self.corrupt_images = _input_images(self.clean_positions)
+            if isinstance(corrupt, Mapping):
+                corrupt_positions = model.positions(**corrupt)
+                self.corrupt_images = _input_images(corrupt_positions)
+                self.positions = corrupt_positions if direction == "denoise" else self.clean_positions
+            for inputs, images in ((clean, self.clean_images), (corrupt if isinstance(corrupt, Mapping) else {},
+                                                                self.corrupt_images)):
+                _check_batch_first(inputs, self.B, images)
         self.site, self.std = None, None
         if isinstance(corrupt, Corruption):
-            if corrupt.kind == "hooks" and len(self.chunks) > 1:
+            if corrupt.kind == "hooks" and chunked:
                 raise ValueError(f"a from_hooks corruption runs on the whole batch of {self.B} examples (its hooks "
                                  f"may hold per-example values), but batch_size={batch_size} splits it: pass "
                                  f"batch_size >= {self.B}, or sweep fewer examples per call (sweep_dataset)")
             self.site = _site_hook(model, corrupt, tower)
-        # the whole batch's positions: the cells and the corruption's mask are resolved on them
-        target = corrupt if isinstance(corrupt, Mapping) and direction == "denoise" else clean
-        self.positions = model.positions(**target) if len(self.chunks) > 1 else None
-        self.clean_positions = model.positions(**clean) if len(self.chunks) > 1 else None
+            site_tower = None if self.site is None else names.parse(self.site).tower
+            image_rows = site_tower is not None and _row_examples(model, site_tower, self.clean_positions) is not None
+            if chunked and image_rows:
+                # its rows are images padded to the chunk's largest: the draws and a Gaussian's std would differ
+                raise ValueError(f"a corruption of {self.site}, in tower {site_tower!r} whose rows are the images "
+                                 f"(padded to the largest), cannot be split into chunks of examples: pass batch_size "
+                                 f">= {self.B}, or corrupt the image where the language model reads it "
+                                 "(site='image')")
+        self.normalize: bool | None = None  # as the sweep's cells ran (for the chunks with no row to patch)
 
     def _global_std(self) -> float | None:
         """A Gaussian's empirical std over the whole batch, when the chunks cannot measure it alone: the values at
@@ -234,7 +252,7 @@ class _Setup:
         model, site, picked = self.model, self.site, []
         mask = None
         for rows in self.chunks:
-            inputs = _select(self.clean, rows)
+            inputs = _select(self.clean, rows, self.clean_images)
             with torch.no_grad():
                 _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n == site, stop_at_hook=site,
                                                 device=self.cache_device)
@@ -256,8 +274,15 @@ class _Setup:
         for rows in self.chunks:
             chunk = _Chunk(self, rows, std)
             for sample in range(self.samples):
-                parts[sample].append(one(chunk.runs(sample)))
-            del chunk  # before the next chunk's runs: never two chunks' caches at once
+                runs = chunk.runs(sample)
+                parts[sample].append(one(runs) if runs.R else _Unpatched(runs))
+            del chunk, runs  # before the next chunk's runs: never two chunks' caches at once
+        for p in parts:  # the chunks with no row in the swept tower, shaped as the others
+            template = next((t for t in p if isinstance(t, Tensor)), None)
+            if template is None:
+                raise ValueError(f"no example has a row in tower {self.tower!r} (its rows are the images, and no "
+                                 "prompt holds one): nothing to sweep")
+            p[:] = [t if isinstance(t, Tensor) else t.like(template, bool(self.normalize)) for t in p]
         results = [torch.cat(p, dim=-1) for p in parts]  # [..., B]: the chunks' examples joined
         if not per_example:
             results = [r.mean(dim=-1) for r in results]
@@ -270,10 +295,12 @@ class _Chunk:
     def __init__(self, setup: _Setup, rows: Tensor, std: float | None):
         self.setup, self.rows = setup, rows
         whole = len(setup.chunks) == 1
-        self.clean = setup.clean if whole else _select(setup.clean, rows)
+        self.clean = setup.clean if whole else _select(setup.clean, rows, setup.clean_images)
         corrupt = setup.corrupt
-        self.corrupt = corrupt if whole or not isinstance(corrupt, Mapping) else _select(corrupt, rows)
-        self.where = {} if whole else {"rows": rows, "n_total": setup.B, "positions": setup.positions}
+        self.corrupt = (corrupt if whole or not isinstance(corrupt, Mapping)
+                        else _select(corrupt, rows, setup.corrupt_images))
+        self.where = {} if whole else {"rows": rows, "n_total": setup.B, "positions": setup.positions,
+                                       "setup": setup}
         if not isinstance(corrupt, Corruption):
             return
         model, tower, site, cache_device = setup.model, setup.tower, setup.site, setup.cache_device
@@ -292,9 +319,11 @@ class _Chunk:
         if setup.corrupt is None:  # an ablation sweep: the one run is the target and its own "source"
             return _Runs(model, clean, None, setup.metric, tower, leaves, clean_is_source=True,
                          cache_device=setup.cache_device, **self.where)
-        if not isinstance(setup.corrupt, Corruption):
-            return _Runs.for_direction(model, clean, self.corrupt, setup.metric, tower, setup.direction, leaves,
-                                       setup.cache_device, **self.where)
+        if not isinstance(setup.corrupt, Corruption):  # checked on the whole batch (a chunk may have no image)
+            denoise = setup.direction == "denoise"
+            target, source = (self.corrupt, clean) if denoise else (clean, self.corrupt)
+            return _Runs(model, target, source, setup.metric, tower, leaves, clean_is_source=denoise,
+                         cache_device=setup.cache_device, **self.where)
         bound = self.bound
         if setup.direction == "denoise":
             return _Runs(model, clean, self.clean_run, setup.metric, tower, leaves, clean_is_source=True,
@@ -314,19 +343,84 @@ def example_chunks(n_examples: int, batch_size: int | None) -> list[Tensor]:
     return [torch.arange(start, min(start + size, n_examples)) for start in range(0, n_examples, size)]
 
 
-def _check_batch_first(inputs: Mapping[str, Any], B: int) -> None:
-    """Refuse to split inputs that hold a tensor whose first dimension is not the examples."""
+# the processor's inputs with one entry per image, not per example (Qwen2-VL's pixel_values: each image's patches,
+# as many as its image_grid_thw row's product)
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+
+
+def _check_batch_first(inputs: Mapping[str, Any], B: int, images: Tensor | None = None) -> None:
+    """Refuse to split inputs that hold a tensor whose first dimension is not the examples (`images`, the example
+    of each image: the image inputs hold the images instead)."""
     for key, value in inputs.items():
-        if isinstance(value, Tensor) and (value.ndim == 0 or value.shape[0] != B):
+        if not isinstance(value, Tensor) or images is not None and key in IMAGE_INPUTS:
+            continue
+        if value.ndim == 0 or value.shape[0] != B:
             raise ValueError(f"input {key!r} has shape {tuple(value.shape)}, not one row per example of the "
                              f"{B}: it cannot be split into chunks of examples; pass batch_size >= {B} or inputs "
                              "with the examples first")
+    if images is not None:
+        _image_bounds(inputs, len(images))  # raises for image inputs that are not the images'
 
 
-def _select(inputs: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
-    """The inputs of the examples `rows` (a slice: consecutive rows)."""
+def _image_bounds(inputs: Mapping[str, Any], n_images: int) -> dict[str, list[int]]:
+    """Per image input, where each image's rows start (and the last ends): one row per image, or, for
+    pixel_values with an image_grid_thw, each image's patches."""
+    grid = inputs.get("image_grid_thw")
+    out = {}
+    for key in IMAGE_INPUTS:
+        value = inputs.get(key)
+        if not isinstance(value, Tensor):
+            continue
+        per_image = grid.prod(-1).tolist() if key == "pixel_values" and isinstance(grid, Tensor) else [1] * n_images
+        ends = [0, *torch.tensor(per_image, dtype=torch.long).cumsum(0).tolist()]
+        if value.ndim == 0 or len(per_image) != n_images or value.shape[0] != ends[-1]:
+            raise ValueError(f"input {key!r} has shape {tuple(value.shape)}, not the rows of the {n_images} images "
+                             "the prompts hold: it cannot be split into chunks of examples; pass the processor's "
+                             "output, or batch_size >= the number of examples")
+        out[key] = ends
+    return out
+
+
+def _select(inputs: Mapping[str, Any], rows: Tensor, images: Tensor | None = None) -> dict[str, Any]:
+    """The inputs of the examples `rows` (a slice: consecutive rows). `images` (None: every tensor has one row
+    per example): the example of each image (`Positions.image_examples`); the image inputs then keep the rows of
+    these examples' images, and a chunk of text-only examples gets none (its model runs without the image
+    towers)."""
     start, stop = int(rows[0]), int(rows[-1]) + 1
-    return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    out = {k: v[start:stop] if isinstance(v, Tensor) and (images is None or k not in IMAGE_INPUTS) else v
+           for k, v in inputs.items()}
+    if images is None:
+        return out
+    chosen = torch.nonzero((images >= start) & (images < stop)).flatten()  # consecutive: images are in example order
+    for key, ends in _image_bounds(inputs, len(images)).items():
+        if chosen.numel():
+            out[key] = inputs[key][ends[int(chosen[0])]:ends[int(chosen[-1]) + 1]]
+        else:
+            del out[key]
+    return out
+
+
+def _input_images(positions: Any) -> Tensor | None:
+    """The example of each image of a batch (`Positions.image_examples`); None where the prompts hold no image
+    spans (BLIP's image enters by cross-attention, one per example)."""
+    return positions.image_examples if positions is not None and any(positions.image) else None
+
+
+def _row_examples(model: HookedVLM, tower: str, positions: Any) -> Tensor | None:
+    """The example of each row of `tower`, when its rows are the batch's images (a tower that runs before the
+    prompt tower, fed by the images: `Positions.image_examples`); None when its rows are the examples."""
+    order = list(model.tower_names)
+    if tower not in order or model.prompt_tower not in order or order.index(tower) >= order.index(model.prompt_tower):
+        return None
+    return _input_images(positions)
+
+
+def _rows_of(examples: Tensor, row_examples: Tensor | None) -> Tensor:
+    """The rows that belong to `examples` (indices in the whole batch), of a tower whose row i is example
+    `row_examples[i]` (None: row i is example i)."""
+    if row_examples is None:
+        return examples
+    return torch.nonzero(torch.isin(row_examples, examples.cpu())).flatten()
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -356,7 +450,13 @@ class _Runs:
     `rows` (None: all): the examples these runs hold, as indices in a whole batch of `n_total` that a sweep split
     into chunks; `positions` is then that batch's `Positions`. The metric sees each row's index in the whole batch
     (`metrics.evaluate(..., n_examples=n_total)`), and the cells are resolved on the whole batch, then the chunk's
-    rows kept (`cells`), so that a chunk's results are the whole batch's for its examples."""
+    rows kept (`cells`), so that a chunk's results are the whole batch's for its examples.
+
+    A tower whose rows are the images (the vision tower and projector of LLaVA and Qwen2-VL: `_row_examples`) has
+    `R` rows here, the images of these examples in order (`tower_rows`, indices in the whole batch's images): a
+    cell patches its positions in every image row of an example, the metric stays per example, and examples
+    without an image have no row (a patch leaves them as the unpatched run). `setup`: the `_Setup` of a chunked
+    sweep (told whether the cells' metrics are normalised)."""
 
     def __init__(self, model: HookedVLM, target: Mapping[str, Any],
                  source: Mapping[str, Any] | tuple[Tensor, Any] | None,
@@ -364,7 +464,7 @@ class _Runs:
                  target_hooks: Callable[[list[int]], list[HookSpec]] | None = None,
                  target_run: tuple[Tensor, Any] | None = None, resumable: bool = True, cut_allowed: bool = True,
                  cache_device: torch.device | str | None = None, rows: Tensor | None = None,
-                 n_total: int | None = None, positions: Any = None):
+                 n_total: int | None = None, positions: Any = None, setup: Any = None):
         if not callable(metric):
             raise TypeError(f"metric is a {type(metric).__name__}: pass a function (logits, examples) -> one value per "
                             "row, e.g. metrics.logit_diff(correct_id, wrong_id)")
@@ -398,12 +498,15 @@ class _Runs:
         self.target_logits = target_logits
         if source is None:  # an ablation sweep: no values to patch in; the target's own serve as "source"
             source_logits, self.source = target_logits, self.target_cache
+        self.setup = setup
+        self._map_rows(source is not None)
         examples = self.rows.to(target_logits.device)
         m_source = metrics_.evaluate(metric, source_logits, examples, "the unpatched run", self.n_total)
         m_target = metrics_.evaluate(metric, target_logits, examples, "the unpatched run", self.n_total)
         metrics_.check_finite(m_source, "the unpatched source run's examples", self.rows)
         metrics_.check_finite(m_target, "the unpatched target run's examples", self.rows)
         self.m_clean, self.m_corrupt = (m_source, m_target) if clean_is_source else (m_target, m_source)
+        self.m_target = m_target
         order = list(model.tower_names)
         self.given = {t: out for t, out in self.target_cache.tower_outputs.items()
                       if order.index(t) < order.index(tower)} if resumable else {}
@@ -419,6 +522,23 @@ class _Runs:
         return cls(model, target, source, metric, tower, leaves, clean_is_source=direction == "denoise",
                    cache_device=cache_device, **chunk)
 
+    def _map_rows(self, paired: bool) -> None:
+        """The swept tower's rows: `R` here, `tower_rows` among the whole batch's `n_rows`, `row_examples` the
+        whole batch's example of each (None: the rows are the examples)."""
+        whole = self.whole_positions if self.whole_positions is not None else self.target_cache.positions
+        self.row_examples = _row_examples(self.model, self.tower, whole)
+        self.tower_rows = _rows_of(self.rows, self.row_examples)
+        self.R = len(self.tower_rows)
+        self.n_rows = self.n_total if self.row_examples is None else len(self.row_examples)
+        if self.row_examples is not None and paired:  # the two runs' image rows must be the same examples'
+            mine = [_row_examples(self.model, self.tower, getattr(c, "positions", None))
+                    for c in (self.source, self.target_cache)]
+            if all(m is not None for m in mine) and not torch.equal(*mine):
+                raise ValueError(f"the clean and corrupted inputs hold their images in different examples "
+                                 f"({mine[0].tolist()} vs {mine[1].tolist()}, Positions.image_examples), so tower "
+                                 f"{self.tower!r}'s rows do not pair up: give each example the same number of "
+                                 "images in both")
+
     def source_act(self, leaf: str) -> Tensor:
         name = next(filter(names.in_blocks(self.tower, leaf), self.source.keys()), None)
         if name is None:
@@ -427,13 +547,13 @@ class _Runs:
         return self.source[name]
 
     def _check_rows(self, name: str) -> None:
-        """A tower whose rows are not the examples (Qwen2-VL's vision tower has one row per image) cannot be swept
-        example by example: say so rather than pair rows with the wrong examples."""
+        """The tower's rows must be those its positions give (one per example, or one per image): say so rather
+        than pair rows with the wrong examples."""
         rows = self.source[name].shape[0]
-        if rows != self.B:
-            raise ValueError(f"{name} has {rows} rows but the batch has {self.B} examples (a tower with one row per "
-                             f"image, such as Qwen2-VL's vision tower, when a prompt holds several images): sweep "
-                             f"tower {self.tower!r} with one image per example")
+        if rows != self.R or self.target_cache[name].shape[0] != self.R:
+            what = "examples" if self.row_examples is None else "images (Positions.image_examples)"
+            raise ValueError(f"{name} has {rows} rows, but these {self.B} examples hold {self.R} {what}: pass the "
+                             "processor's output, one span of placeholder tokens per image")
 
     def length(self, leaf: str, dim: int = 1) -> int:
         """The length of the patched sequence; checks that source and target agree where positions align."""
@@ -455,8 +575,15 @@ class _Runs:
         whole = self.whole_positions if self.whole_positions is not None else getattr(self.target_cache,
                                                                                        "positions", None)
         pos = _tower_positions(self.model, self.tower, whole)
-        cells = _make_cells(positions, groups, pos, self.n_total, self.length(leaf, dim))
-        return cells if self.n_total == self.B and self.rows.equal(torch.arange(self.B)) else cells.select(self.rows)
+        length = self.length(leaf, dim)
+        own = _tower_positions(self.model, self.tower, getattr(self.target_cache, "positions", None))
+        if self.row_examples is not None and pos is not None and own is not None and (
+                own.input_ids.shape[1] == length):  # rows of images padded to the largest: the whole batch's
+            length = pos.input_ids.shape[1]
+        cells = _make_cells(positions, groups, pos, self.n_rows, length)
+        if self.n_rows == self.R and self.tower_rows.equal(torch.arange(self.R)):
+            return cells
+        return _within(cells.select(self.tower_rows), self.length(leaf, dim))
 
     def _prefix(self, first: int, cut: int, n: int) -> KVCache | None:
         """The target run's keys and values of the first `cut` positions, for n stacked copies of the batch, on the
@@ -467,7 +594,7 @@ class _Runs:
         kv = {name: _to(self.target_cache[name][:, :cut], blocks[names.layer_of(name)])  # [B, cut, ...] each
               for name in self.model.prefix_hook_names(self.tower, first)}
         prefix = self.model.prefix_cache(self.tower, kv, cut, start_layer=first)
-        return prefix if n == 1 else prefix.select(torch.arange(self.B).repeat(n))
+        return prefix if n == 1 else prefix.select(torch.arange(self.R).repeat(n))
 
     def sweep(self, cell_hooks: Callable[[int], list[str]], n_variants: int, patch: Patch, normalize: bool,
               batch_size: int, progress: bool, per_example: bool = False, cut: int = 0
@@ -480,6 +607,8 @@ class _Runs:
         target's keys and values for the rest, and take the target's logits there."""
         B = self.B
         _check_batch_size(batch_size)
+        if self.setup is not None:
+            self.setup.normalize = normalize
         if normalize:  # before any cell runs: an example whose clean and corrupted metrics are equal has no scale
             metrics_.check_normalizable(self.m_clean, self.m_corrupt, self.rows)
         cut = cut if self.prefix_resumable and self.resumable and self.cut_allowed else 0
@@ -506,15 +635,16 @@ class _Runs:
                    patch: Patch, normalize: bool, cut: int) -> Float[Tensor, "n B"]:
         """One forward: the cells `chunk` ((layer, variant) pairs) stacked cell-major, B rows each; the metric of
         each row (normalised if asked), on the CPU."""
-        n, B = len(chunk), self.B
-        variant = torch.tensor([v for _, v in chunk]).repeat_interleave(B)  # rows are cell-major
-        example = torch.arange(B).repeat(n)
+        n, B, R = len(chunk), self.B, self.R
+        variant = torch.tensor([v for _, v in chunk]).repeat_interleave(R)  # the tower's rows, cell-major
+        row = torch.arange(R).repeat(n)  # each one's row (image or example) of the target batch
+        example = torch.arange(B).repeat(n)  # the LM's rows, cell-major
         hooked = {name: [k for k, (layer, _) in enumerate(chunk) if name in cell_hooks(layer)]
                   for layer in dict.fromkeys(layer for layer, _ in chunk) for name in cell_hooks(layer)}
         forwards = [1 + layer * n_variants + v for layer, v in chunk]
         corrupting = self.target_hooks(forwards) if self.target_hooks is not None else []
         offset = cut if self.resumable else 0
-        fwd_hooks = [*corrupting, *((name, self._patch_rows(patch, blocks, n, variant, example, offset))
+        fwd_hooks = [*corrupting, *((name, self._patch_rows(patch, blocks, n, variant, row, offset))
                                     for name, blocks in hooked.items())]
         inputs = {k: _repeat(v, n) for k, v in self.target.items()}
         if self.resumable:
@@ -547,11 +677,11 @@ class _Runs:
 
     def _patch_rows(self, patch: Patch, blocks: list[int], n: int, variant: Tensor, example: Tensor,
                     offset: int) -> Callable[[Tensor, Any], Tensor]:
-        """A hook patching the rows of the cells `blocks` (indices into the n stacked cells, B rows each)."""
-        B = self.B
+        """A hook patching the rows of the cells `blocks` (indices into the n stacked cells, R rows each)."""
+        R = self.R
         if len(blocks) == n:
             return lambda act, hook: patch(act, self.source[hook.name], variant, example, offset)
-        rows = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten()
+        rows = (torch.tensor(blocks)[:, None] * R + torch.arange(R)).flatten()
 
         def hook(act: Tensor, hook: Any) -> Tensor:
             sel = rows.to(act.device)
@@ -560,6 +690,40 @@ class _Runs:
             return act
 
         return hook
+
+
+class _Unpatched:
+    """A chunk whose examples have no row in the swept tower (text-only examples, a tower whose rows are images):
+    no cell touches them, so each cell's metric is the unpatched target run's (normalised as the cells were)."""
+
+    def __init__(self, runs: _Runs):
+        self.rows = runs.rows
+        self.m_target, self.m_clean, self.m_corrupt = (m.float().cpu() for m in (runs.m_target, runs.m_clean,
+                                                                                  runs.m_corrupt))
+
+    def like(self, template: Float[Tensor, "*cells b"], normalize: bool) -> Float[Tensor, "*cells B"]:
+        """Shaped as another chunk's result; NaN where it is NaN for every example (a layer without the hook)."""
+        values = self.m_target
+        if normalize:
+            metrics_.check_normalizable(self.m_clean, self.m_corrupt, self.rows)
+            values = metrics_.normalized(values, self.m_clean, self.m_corrupt)
+        out = values.expand(*template.shape[:-1], len(values)).clone()
+        out[torch.isnan(template).all(-1)] = float("nan")
+        return out
+
+
+def _within(cells: _Cells, length: int) -> _Cells:
+    """A chunk's cells on image rows padded to the chunk's largest image, shorter than the whole batch's: the
+    positions past `length` are padding in every row here (nothing reads them), so they are dropped; a row left
+    with none patches nothing."""
+    inside = cells.idx < length
+    if bool(inside.all()):
+        return cells
+    valid = cells.valid & inside
+    has = valid.any(-1, keepdim=True)
+    first = torch.gather(cells.idx, -1, valid.long().argmax(-1, keepdim=True))  # each row's first kept position
+    idx = torch.where(valid, cells.idx, torch.where(has, first, torch.zeros_like(first)))  # padding repeats it
+    return _Cells(idx, valid, cells.names, cells.whole_cut)
 
 
 def _check_batch_size(batch_size: Any) -> None:
@@ -619,6 +783,10 @@ def _check_inputs(model: HookedVLM, clean: Mapping[str, Any], corrupt: Mapping[s
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:
+    """The number of examples: the rows of input_ids, else of the first tensor."""
+    ids = inputs.get("input_ids")
+    if isinstance(ids, Tensor) and ids.ndim:
+        return ids.shape[0]
     for value in inputs.values():
         if isinstance(value, Tensor):
             return value.shape[0]

@@ -19,8 +19,8 @@ from ..corruption.noise import Corruption
 from ..hooks import HookSpec
 from ..models.base import HookedVLM
 from .engine import (HEAD_ACTIVATIONS, STREAM_HOOKS, TRACE_KINDS, Corrupt, Direction, _batch_size, _Bound,
-                     _check_batch_size, _check_cache_device, _check_corrupt, _check_inputs, _require_leaf, _Runs,
-                     _select, _Setup, _site_hook, head_leaf)
+                     _check_batch_size, _check_cache_device, _check_corrupt, _check_inputs, _require_leaf,
+                     _row_examples, _Runs, _select, _Setup, _site_hook, head_leaf)
 from .groups import _by_head, _Cells, _make_cells, _tower_positions
 from .memory import choose_batch_size
 
@@ -282,6 +282,13 @@ def _attribution(model: HookedVLM, clean: Mapping[str, Any], corrupt: Corrupt, m
         raise ValueError(f"memory_budget={memory_budget} goes with batch_size='auto' (which it sizes)")
     setup = _Setup(model, clean, corrupt, metric, tower, [leaf], direction, 1, cache_device, batch_size)
     B, whole = setup.B, len(setup.chunks) == 1
+    # (a model with no `positions`, such as a bare HookedRootModule, has no image rows)
+    row_examples = _row_examples(model, tower, model.positions(**clean)) if hasattr(model, "positions") else None
+    if row_examples is not None and not row_examples.equal(torch.arange(B)):
+        raise ValueError(f"tower {tower!r} has one row per image and this batch's images are not one per example "
+                         f"(their examples: {row_examples.tolist()}); attribution patching pairs rows with examples, "
+                         "so give it one image per example, or use the activation-patching sweeps, which map "
+                         "image rows to their examples")
     source = clean if isinstance(corrupt, Corruption) or direction == "denoise" else corrupt
     source_positions = None if whole else model.positions(**source)
     std = setup._global_std()

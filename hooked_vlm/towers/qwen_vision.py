@@ -141,7 +141,9 @@ class QwenVisionTower(Tower):
         rotary = axial_rotary(rows.to(device), cols.to(device), self.cfg.block.attn.d_head, self.cfg.rope_base,
                               x.dtype)
         valid = self.valid(call.grid, device)
-        out: dict[str, Any] = dict(mask=padding_mask(valid.long(), x.dtype), rotary=rotary)
+        # no padding (one image, or images of one size): no mask, rather than adding zeros to every block's scores
+        mask = None if bool(valid.all()) else padding_mask(valid.long(), x.dtype)
+        out: dict[str, Any] = dict(mask=mask, rotary=rotary)
         if self.cfg.window is not None:
             out["window_mask"] = group_mask(windows.to(device), x.dtype)
         return out

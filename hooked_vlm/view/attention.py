@@ -18,6 +18,7 @@ from .. import names
 from ..cache import ActivationCache
 from ..hooks import NameFilter
 from ..models.base import HookedVLM
+from ..patching.engine import _row_examples
 from .page import View
 from .payload import PRECISIONS, encode, encoded_size, image_data_uri, image_from_pixels, quantize_rows
 from .tokens import TokenAxis, image_grid, key_axis, query_axis, tower_axes
@@ -112,14 +113,21 @@ def describe_sets(sets: Sequence[HeadSet], precision: str) -> str:
 
 
 def image_payload(model: HookedVLM, image: Image.Image | None, inputs: Mapping[str, Any] | None,
-                  example: int) -> dict[str, Any] | None:
-    """The image the grid is drawn on: `image`, or the one the model saw (un-normalised `pixel_values`)."""
+                  example: int, row: int | None = None) -> dict[str, Any] | None:
+    """The image the grid is drawn on: `image`, or the one the model saw (un-normalised `pixel_values`, row `row`:
+    the image's, where the rows are images (`Positions.image_examples`; None: `example`'s first image, found from
+    the inputs' positions); -1: none, a text-only example)."""
+    if row is None:
+        pixels = inputs.get("pixel_values") if image is None and inputs is not None else None
+        found = (image_row(model, model.positions(**inputs), example)
+                 if isinstance(pixels, Tensor) and pixels.ndim >= 4 and "input_ids" in inputs else None)
+        row = example if found is None else found
     if image is None and inputs is not None and "pixel_values" in inputs and inputs["pixel_values"].ndim < 4:
         # not [B, 3, H, W] (Qwen2-VL's flattened patches of every image): no image to un-normalise per example
         warnings.warn(f"pixel_values of shape {tuple(inputs['pixel_values'].shape)} are not images [B, 3, H, W]: "
                       "the view draws the patch grid on grey; pass image= (the image as the model sees it) to draw it")
-    elif image is None and inputs is not None and "pixel_values" in inputs:
-        pixels = inputs["pixel_values"][example]
+    elif image is None and inputs is not None and "pixel_values" in inputs and row >= 0:
+        pixels = inputs["pixel_values"][row]
         while pixels.ndim > 3:  # several images per example: the first, the one the grids show
             pixels = pixels[0]
         image = image_from_pixels(pixels, model.processor)
@@ -132,11 +140,11 @@ def image_payload(model: HookedVLM, image: Image.Image | None, inputs: Mapping[s
 
 
 def page_common(model: HookedVLM, image: Image.Image | None, inputs: Mapping[str, Any] | None, example: int,
-                axes: Sequence[TokenAxis] = ()) -> tuple[dict[str, Any], str]:
-    """The grid (as far as the image tokens of `axes` reach, else the model's) and the image every view draws on,
-    and their description."""
+                axes: Sequence[TokenAxis] = (), row: int | None = None) -> tuple[dict[str, Any], str]:
+    """The grid (as far as the image tokens of `axes` reach, else the model's) and the image every view draws on
+    (`row` as in `image_payload`), and their description."""
     grid = image_grid(axes, model)
-    img = image_payload(model, image, inputs, example)
+    img = image_payload(model, image, inputs, example, row)
     holds = (f"the {grid[0]}x{grid[1]} patch grid" if grid else "no patch grid") + (
         f" and the image ({img['width']}x{img['height']} px)" if img else "")
     return {"grid": grid, "image": img}, holds
@@ -156,11 +164,31 @@ def _layers_of(cache: ActivationCache, towers: Sequence[str] | None) -> dict[tup
     return {key: sorted(layers) for key, layers in found.items()}
 
 
+def image_row(model: HookedVLM, positions: Any, example: int, image_index: int = 0) -> int | None:
+    """The row of image `image_index` of example `example` in the towers whose rows are the images
+    (`Positions.image_examples`); -1 for an example without an image; None where the rows are the examples."""
+    rows = None if positions is None else _row_examples(model, model.tower_names[0], positions)
+    if rows is None:
+        if image_index:
+            raise ValueError(f"image_index={image_index}: this model's inputs hold one image per example; pass 0")
+        return None
+    mine = torch.nonzero(rows == example).flatten().tolist()
+    if image_index and not 0 <= image_index < len(mine):
+        raise ValueError(f"image_index={image_index}: example {example} holds {len(mine)} image(s); pass 0.."
+                         f"{max(len(mine) - 1, 0)}")
+    return mine[image_index] if mine else -1
+
+
 def head_sets(model: HookedVLM, cache: ActivationCache, *, example: int = 0, towers: Sequence[str] | None = None,
               queries: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-              layers: Sequence[int] | None = None) -> list[HeadSet]:
+              layers: Sequence[int] | None = None, image_index: int = 0) -> list[HeadSet]:
     """The cached patterns of example `example` as head sets, in the model's tower order (self-attention first),
-    with every real query token (or `queries`: positions of the prompt tower, or {tower: positions})."""
+    with every real query token (or `queries`: positions of the prompt tower, or {tower: positions}).
+
+    A tower whose rows are the images (the vision tower and projector of LLaVA and Qwen2-VL:
+    `Positions.image_examples`) shows the example's image `image_index` (its first by default), which is then the
+    image the grids draw (numbered 0 in the prompt's axis); a text-only example has none: those towers' sets are
+    left out."""
     if not cache.has_batch_dim:
         raise ValueError("the view reads one example of a batched cache; pass the cache run_with_cache returned "
                          "(not remove_batch_dim())")
@@ -172,16 +200,27 @@ def head_sets(model: HookedVLM, cache: ActivationCache, *, example: int = 0, tow
     if not found:
         raise ValueError("the cache holds no attention patterns" + (f" of {list(towers)}" if towers else "") +
                          ": run_with_cache(..., names_filter=view.attention_names(model)) caches them")
-    B = next(iter(cache.values())).shape[0]
+    positions = cache.positions
+    B = positions.input_ids.shape[0] if positions is not None else next(iter(cache.values())).shape[0]
     if not 0 <= example < B:
         raise ValueError(f"example {example} is out of range for a cache of {B} examples")
     order = list(model.tower_names)
     keys = sorted(found, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), ATTENTIONS.index(k[1])))
+    row = image_row(model, positions, example, image_index)
+    per_image = {t for t, _ in keys if _row_examples(model, t, positions) is not None}  # rows are images
+    if row == -1:  # a text-only example: the towers that read the images have no row of it
+        keys = [k for k in keys if k[0] not in per_image]
+        if not keys:
+            raise ValueError(f"example {example} holds no image, and the cache holds only the patterns of "
+                             f"{', '.join(sorted(per_image))}, whose rows are images: cache the language model's too")
+    rows = {t: (row if t in per_image else example) for t, _ in keys}
     lengths: dict[str, int] = {}
     for tower, attention in keys:
         lengths.setdefault(tower, cache[names.block(tower, found[tower, attention][0],
                                                     names.leaf(attention, "pattern"))].shape[-2])
-    axes = tower_axes(model, cache.positions, lengths, example)
+    axes = tower_axes(model, positions, lengths, example, rows)
+    if image_index:  # the views draw image 0: number the chosen image 0 in the prompt's axes
+        axes = {t: a if t in per_image else a.drawing(image_index) for t, a in axes.items()}
     if isinstance(queries, Mapping):
         unknown = [t for t in queries if t not in lengths]
         if unknown:
@@ -202,8 +241,8 @@ def head_sets(model: HookedVLM, cache: ActivationCache, *, example: int = 0, tow
         bad = [q for q in pos if not 0 <= q < len(q_axis)]
         if bad or not pos:
             raise ValueError(f"queries {bad or pos} of {tower}: pass positions in 0..{len(q_axis) - 1}")
-        rows = torch.tensor(pos)
-        patterns = torch.stack([cache[names.block(tower, l, names.leaf(attention, "pattern"))][example][:, rows]
+        picked = torch.tensor(pos)
+        patterns = torch.stack([cache[names.block(tower, l, names.leaf(attention, "pattern"))][rows[tower]][:, picked]
                                 .detach().float().cpu() for l in chosen])
         out.append(HeadSet(tower, attention, chosen, patterns, pos, q_axis, k_axis))
     if not out:
@@ -240,7 +279,7 @@ def attention(model: HookedVLM, cache: ActivationCache, path: str | os.PathLike 
               inputs: Mapping[str, Any] | None = None, image: Image.Image | None = None, example: int = 0,
               towers: Sequence[str] | None = None, queries: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
               layers: Sequence[int] | None = None, precision: str = "auto", max_bytes: int | None = MAX_BYTES,
-              title: str | None = None) -> View:
+              title: str | None = None, image_index: int = 0) -> View:
     """An interactive view of the cached attention patterns of example `example`: pick a tower's self- or
     cross-attention, a layer and a head (or their mean), hover or click a query token, and see its pattern over the
     image grid and the other tokens. Written to `path` (.html) if given; in Jupyter the returned `View` displays
@@ -252,9 +291,16 @@ def attention(model: HookedVLM, cache: ActivationCache, path: str | os.PathLike 
     tower positions, or {tower: positions}); default every real token, and if that exceeds `max_bytes` (bytes of
     attention data; None: no cap), every token but the image patches. `precision`: "float16", "uint8" (per-row
     scaled), "float32", or "auto": float16 if it fits `max_bytes`, else uint8.
+
+    Several images in one prompt (LLaVA, Qwen2-VL): the vision tower and projector, whose rows are the images,
+    show image `image_index` of the example (default its first; `Positions.image_examples`), and the grid draws
+    it. A text-only example shows no image and leaves those towers' sets out.
     """
-    sets = head_sets(model, cache, example=example, towers=towers, queries=queries, layers=layers)
-    common, holds_common = page_common(model, image, inputs, example, [a for s in sets for a in (s.q_axis, s.k_axis)])
+    sets = head_sets(model, cache, example=example, towers=towers, queries=queries, layers=layers,
+                     image_index=image_index)
+    row = image_row(model, cache.positions, example, image_index)
+    common, holds_common = page_common(model, image, inputs, example, [a for s in sets for a in (s.q_axis, s.k_axis)],
+                                       row)
     view = render_attention(sets, common, holds_common, precision=precision, max_bytes=max_bytes,
                             queries_given=queries is not None,
                             title=title or f"Attention of {type(model).__name__}, example {example}")

@@ -40,6 +40,11 @@ class TokenAxis:
         """Positions showing a patch of image 0, the image the views draw."""
         return [i == 0 and r >= 0 for i, r in zip(self.image, self.rows)]
 
+    def drawing(self, image: int) -> "TokenAxis":
+        """The same tokens with image `image` numbered 0 (the image the views draw) and image 0 numbered `image`."""
+        swap = {image: 0, 0: image}
+        return TokenAxis(self.labels, [swap.get(i, i) for i in self.image], self.rows, self.cols, self.real)
+
     def subset(self, idx: Sequence[int]) -> "TokenAxis":
         return TokenAxis(*([getattr(self, f)[i] for i in idx] for f in ("labels", "image", "rows", "cols", "real")))
 
@@ -110,9 +115,10 @@ def other_axis(model: Any, tower: str, positions: Positions, example: int) -> To
     return TokenAxis(labels, image, rows, cols, [bool(m) for m in positions.attention_mask[example].tolist()])
 
 
-def tower_axes(model: Any, positions: Positions | None, lengths: dict[str, int], example: int
-               ) -> dict[str, TokenAxis]:
-    """A `TokenAxis` for every tower whose sequence length `lengths` gives (read off the cached patterns)."""
+def tower_axes(model: Any, positions: Positions | None, lengths: dict[str, int], example: int,
+               rows: dict[str, int] | None = None) -> dict[str, TokenAxis]:
+    """A `TokenAxis` for every tower whose sequence length `lengths` gives (read off the cached patterns), for
+    example `example`; `rows`: a tower's row where it is not `example` (a tower whose rows are the images)."""
     grid = grid_size(model)
     axes: dict[str, TokenAxis] = {}
     for tower, n in lengths.items():
@@ -121,7 +127,7 @@ def tower_axes(model: Any, positions: Positions | None, lengths: dict[str, int],
             axes[tower] = prompt_axis(model, positions, example) if positions.input_ids.shape[1] == n \
                 else TokenAxis.plain(n)
         elif described:
-            axes[tower] = other_axis(model, tower, positions.towers[tower], example) \
+            axes[tower] = other_axis(model, tower, positions.towers[tower], (rows or {}).get(tower, example)) \
                 if positions.towers[tower].input_ids.shape[1] == n else TokenAxis.plain(n)
         elif grid and n - grid * grid in (0, 1):
             axes[tower] = TokenAxis.patches(n, grid)
