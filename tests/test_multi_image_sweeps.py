@@ -96,6 +96,7 @@ def test_patch_resid_groups_per_image_row(batch):
     assert result.abs().sum() > 0
 
 
+@pytest.mark.slow  # ~10 s on Qwen2.5 (every head of every vision layer, chunked and not)
 def test_patch_heads_on_every_image_row(batch):
     model, clean, corrupt, metric = batch
     result = patching.patch_heads(model, clean, corrupt, metric, tower="vision", progress=False)
