@@ -1,4 +1,5 @@
-"""A decoder-only LM's per-layer parity with HF's: shared by the LLaVA, LLaVA-Phi and Qwen2-VL tests."""
+"""Shared by the LLaVA, LLaVA-Phi and Qwen2-VL tests: a decoder-only LM's per-layer parity with HF's, and the
+hook points whose edit changes nothing."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def half_precision_error(hf, half, inputs, dtype: torch.dtype, position_ids: tor
     keep = inputs["attention_mask"].bool()
     assert out.dtype == dtype and torch.isfinite(out[keep]).all()
     return (out.float()[keep] - ref[keep]).abs().max().item()
+
+
+def inert_hook_points(model, inputs) -> list[str]:
+    """The hook points whose edit leaves the logits unchanged (computed and thrown away): each edited alone,
+    scales doubled and every other activation zeroed."""
+    with torch.no_grad():
+        clean = model(**inputs)
+        inert = []
+        for name in model.hook_dict:
+            edit = (lambda t, hook: t * 2) if name.endswith("hook_scale") else (lambda t, hook: torch.zeros_like(t))
+            if torch.allclose(model.run_with_hooks(**inputs, fwd_hooks=[(name, edit)]), clean):
+                inert.append(name)
+    return inert

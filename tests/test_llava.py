@@ -9,7 +9,7 @@ import torch
 
 from hooked_vlm import HookedLlava, HookedVLM
 from hooked_vlm.tiny import build_llava, random_image
-from lm_parity import assert_lm_layers_match_hf, half_precision_error
+from lm_parity import assert_lm_layers_match_hf, half_precision_error, inert_hook_points
 
 IMAGES = [random_image((40, 30), seed=0), random_image((50, 50), seed=1)]
 PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nhi ASSISTANT:"]
@@ -170,13 +170,7 @@ def test_every_hook_point_can_edit():
     model = HookedVLM.from_hf(hf, processor=processor)
     inputs = processor(images=IMAGES, text=PROMPTS, padding=True, return_tensors="pt")
     assert list(model.hook_dict) == (GOLDEN / "llava_hook_names.txt").read_text().split()
-    with torch.no_grad():
-        clean = model(**inputs)
-        inert = []
-        for name in model.hook_dict:
-            edit = (lambda t, hook: t * 2) if name.endswith("hook_scale") else (lambda t, hook: torch.zeros_like(t))
-            if torch.allclose(model.run_with_hooks(**inputs, fwd_hooks=[(name, edit)]), clean):
-                inert.append(name)
+    inert = inert_hook_points(model, inputs)
     assert not inert, inert
 
 

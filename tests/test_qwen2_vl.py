@@ -10,7 +10,7 @@ import torch
 
 from hooked_vlm import HookedQwen2VL, HookedVLM, analysis, cli, metrics, patching
 from hooked_vlm.tiny import build_qwen2_vl, random_image
-from lm_parity import assert_lm_layers_match_hf
+from lm_parity import assert_lm_layers_match_hf, inert_hook_points
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 # three images of three sizes (8 x 10, 12 x 12 and 8 x 16 patches after the processor's resize); row 0 is left-padded,
@@ -234,13 +234,7 @@ def test_every_hook_point_is_listed_and_can_edit(qwen):
     hf, model, inputs = qwen
     golden = "qwen2_5_vl_hook_names.txt" if model.cfg.vision.window is not None else "qwen2_vl_hook_names.txt"
     assert list(model.hook_dict) == (GOLDEN / golden).read_text().split()
-    with torch.no_grad():
-        clean = model(**inputs)
-        inert = []
-        for name in model.hook_dict:
-            edit = (lambda t, hook: t * 2) if name.endswith("hook_scale") else (lambda t, hook: torch.zeros_like(t))
-            if torch.allclose(model.run_with_hooks(**inputs, fwd_hooks=[(name, edit)]), clean):
-                inert.append(name)
+    inert = inert_hook_points(model, inputs)
     assert not inert, inert
 
 
