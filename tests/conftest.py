@@ -5,15 +5,48 @@ import torch
 
 # jaxtyping runtime checks for the test session only (style.md point 7: not on the hot path). The import hook must be
 # installed before anything imports `hooked_vlm`, so it sits here, at the top of the first conftest pytest loads: every
-# function of the package with jaxtyping annotations is then checked by beartype, shapes included (letters bound
-# consistently within one call). On by default (a whole run takes about 3x as long: 4.5 min instead of 1.5 on 2
-# idle cores); HOOKED_VLM_TYPECHECK=0 turns it off. Tests of user-facing errors run with the checks off (see below).
+# function of the package with annotations is then checked by beartype, shapes included (letters bound
+# consistently within one call). On by default (tests run about 3x as long: test_patching.py and
+# test_example_chunking.py take 99 s instead of 33 s on 2 cores); HOOKED_VLM_TYPECHECK=0 turns it off. Tests of user-facing errors run with the checks off (see below).
 TYPECHECK = os.environ.get("HOOKED_VLM_TYPECHECK", "1") != "0"
 if TYPECHECK:
     import jaxtyping
 
     # PEP 484's numeric tower (an int where a float is annotated), which beartype checks only when asked
     jaxtyping.install_import_hook("hooked_vlm", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+
+# The hook wraps every function, and a wrapped call costs ~50 us however plain its annotations. The bookkeeping that
+# runs once per hook point per forward, annotated with no tensor shape, made up 2/3 of the checked calls (700k of
+# 1.1M in tests/test_patching.py) and half the suite's time: it runs unchecked (`__no_type_check__`, which the wrapper
+# reads on the wrapped function).
+UNCHECKED_HOT_PATH = {
+    "hooked_vlm.hooks": ["HookPoint.has_hooks", "HookPoint.forward", "HookPoint._visible", "PerCall._var",
+                         "PerCall.__get__", "PerCall.__set__", "HookedRootModule._select"],
+    "hooked_vlm.names": ["_str", "parse"],
+    "hooked_vlm.weights": ["TowerWeights.__getattr__"],
+    "hooked_vlm.towers.base": ["Tower.n_layers"],
+}
+
+
+def _skip_checks(module_name: str, qualname: str) -> None:
+    import importlib
+    import inspect
+
+    owner = importlib.import_module(module_name)
+    *outer, name = qualname.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    fn = inspect.getattr_static(owner, name)
+    fn = getattr(fn, "fget", None) or getattr(fn, "__func__", None) or fn  # property, staticmethod
+    if not hasattr(fn, "__wrapped__"):
+        raise AssertionError(f"{module_name}.{qualname} is not wrapped by the jaxtyping import hook: update the list")
+    fn.__wrapped__.__no_type_check__ = True
+
+
+if TYPECHECK:
+    for module_name, qualnames in UNCHECKED_HOT_PATH.items():
+        for qualname in qualnames:
+            _skip_checks(module_name, qualname)
 
 # Tiny models: more threads only add scheduling overhead, and CI machines are shared.
 torch.set_num_threads(2)

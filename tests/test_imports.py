@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hooked_vlm", "weights_conversion")
 
@@ -65,6 +67,7 @@ def targets(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     return [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: one child interpreter per module
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """One interpreter loads the third-party libraries the modules import (what every fresh interpreter would do,
     paid once), then forks a child per module that imports that module alone, none of ours loaded before it: an
