@@ -5,13 +5,46 @@ import torch
 
 # jaxtyping runtime checks for the test session only (style.md point 7: not on the hot path). The import hook must be
 # installed before anything imports `hooked_vlm`, so it sits here, at the top of the first conftest pytest loads: every
-# function of the package with annotations is then checked by beartype, shapes included (letters bound
-# consistently within one call). On by default (tests run about 3x as long: test_patching.py and
-# test_example_chunking.py take 99 s instead of 33 s on 2 cores); HOOKED_VLM_TYPECHECK=0 turns it off. Tests of user-facing errors run with the checks off (see below).
+# module-level function and method of the package is then checked by beartype, shapes included (letters bound
+# consistently within one call). On by default, at about 2.5x the time (tests/test_patching.py and
+# tests/test_example_chunking.py: 91-100 s against 38 s on 2 cores); HOOKED_VLM_TYPECHECK=0 turns it off. Tests of
+# user-facing errors run with the checks off (see below).
 TYPECHECK = os.environ.get("HOOKED_VLM_TYPECHECK", "1") != "0"
+
+
+def _leave_nested_functions_unchecked() -> None:
+    """The hook decorates every `def`, nested ones too, and decorating costs ~1.5 ms: a closure built on each call
+    (a name filter, a hook function, a patch) was decorated again every time, a third of tests/test_patching.py's
+    time (17k decorations in `names.in_blocks` alone). No nested function of the package has a shape annotation, so
+    they stay undecorated."""
+    import ast
+
+    from jaxtyping._import_hook import JaxtypingTransformer  # private: checked below, so an upgrade fails here
+
+    visit_function, visit_class = JaxtypingTransformer.visit_FunctionDef, JaxtypingTransformer.visit_ClassDef
+
+    def unchecked_if_nested(visit):
+        def visit_node(self, node):
+            nested = any(isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)) for p in self._parents)
+            self._no_type_check_level += nested
+            try:
+                return visit(self, node)
+            finally:
+                self._no_type_check_level -= nested
+
+        return visit_node
+
+    probe = JaxtypingTransformer(typechecker=None)
+    if not (isinstance(getattr(probe, "_parents", None), list) and probe._no_type_check_level == 0):
+        raise AssertionError("jaxtyping's import hook changed: update _leave_nested_functions_unchecked")
+    JaxtypingTransformer.visit_FunctionDef = unchecked_if_nested(visit_function)
+    JaxtypingTransformer.visit_ClassDef = unchecked_if_nested(visit_class)
+
+
 if TYPECHECK:
     import jaxtyping
 
+    _leave_nested_functions_unchecked()
     # PEP 484's numeric tower (an int where a float is annotated), which beartype checks only when asked
     jaxtyping.install_import_hook("hooked_vlm", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 

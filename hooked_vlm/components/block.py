@@ -131,9 +131,10 @@ class Block(nn.Module):
             lambda h: self.attn(h, mask=mask, rotary=rotary, pos_bias=pos_bias, past=past and past.attn),
         )))
         if self.cfg.cross_attn is not None and self._has_cross_input(kv_input, past):
-            # a lambda, not a nested def: the test suite's jaxtyping import hook would re-decorate a def on every call
-            cross = lambda h: self.cross_attn(h, kv_input, mask=kv_mask, pos_bias=cross_pos_bias,  # noqa: E731
-                                              past=past and past.cross_attn)
+            def cross(h: Tensor) -> Tensor:
+                return self.cross_attn(h, kv_input, mask=kv_mask, pos_bias=cross_pos_bias,
+                                       past=past and past.cross_attn)
+
             resid = self.hook_resid_mid_cross(self.clamp(self.cross_sublayer(resid, cross)))
         return self.hook_resid_post(self.clamp(self.mlp_sublayer(resid)))
 
