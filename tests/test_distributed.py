@@ -18,6 +18,7 @@ from hooked_vlm.tiny import build_llava, random_image
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # ~8 s on 2 cores: three fresh interpreters (torchrun and its two workers)
 def test_two_processes_equal_one(tmp_path, monkeypatch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES.parent)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -169,7 +169,8 @@ SCRIPT = Path(sys.executable).with_name("hooked-vlm")
 @pytest.mark.skipif(not SCRIPT.exists(), reason="the hooked-vlm script is not installed next to this python")
 @pytest.mark.parametrize("argv,words", [
     pytest.param(["trace", "--image", "{tmp}/notes.png", "--prompt", "q"], ["not an image"], id="non-image"),
-    pytest.param(["info", "--model", "{tmp}/list_header"], ["cannot load --model"], id="list-header"),
+    pytest.param(["info", "--model", "{tmp}/list_header"], ["cannot load --model"], id="list-header",
+                 marks=pytest.mark.slow),  # ~5 s each (a fresh interpreter): one case is enough by default
 ])
 def test_the_installed_script_prints_no_traceback(argv, words, tmp):
     env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV} | {"HF_HUB_OFFLINE": "1"}
