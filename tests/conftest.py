@@ -14,9 +14,9 @@ TYPECHECK = os.environ.get("HOOKED_VLM_TYPECHECK", "1") != "0"
 
 def _leave_nested_functions_unchecked() -> None:
     """The hook decorates every `def`, nested ones too, and decorating costs ~1.5 ms: a closure built on each call
-    (a name filter, a hook function, a patch) was decorated again every time, a third of tests/test_patching.py's
-    time (17k decorations in `names.in_blocks` alone). No nested function of the package has a shape annotation, so
-    they stay undecorated."""
+    (a name filter, a hook function, a patch) was decorated again every time, a third of tests/test_example_chunking.py's
+    time (17k decorations in `names.in_blocks` alone). No nested function of the package has a shape annotation
+    (tests/test_typecheck.py checks), so they stay undecorated."""
     import ast
 
     from jaxtyping._import_hook import JaxtypingTransformer  # private: checked below, so an upgrade fails here
