@@ -1,3 +1,6 @@
+import ast
+import importlib
+import inspect
 import os
 
 import pytest
@@ -13,12 +16,10 @@ TYPECHECK = os.environ.get("HOOKED_VLM_TYPECHECK", "1") != "0"
 
 
 def _leave_nested_functions_unchecked() -> None:
-    """The hook decorates every `def`, nested ones too, and decorating costs ~1.5 ms: a closure built on each call
-    (a name filter, a hook function, a patch) was decorated again every time, a third of tests/test_example_chunking.py's
-    time (17k decorations in `names.in_blocks` alone). No nested function of the package has a shape annotation
+    """The hook decorates every `def`, nested ones too, and decorating costs ~1.5 ms: a closure built on each call (a
+    name filter, a hook function, a patch) was decorated again every time, a third of test_example_chunking.py's time
+    (17k decorations in `names.in_blocks` alone). No nested function of the package has a shape annotation
     (tests/test_typecheck.py checks), so they stay undecorated."""
-    import ast
-
     from jaxtyping._import_hook import JaxtypingTransformer  # private: checked below, so an upgrade fails here
 
     visit_function, visit_class = JaxtypingTransformer.visit_FunctionDef, JaxtypingTransformer.visit_ClassDef
@@ -41,17 +42,10 @@ def _leave_nested_functions_unchecked() -> None:
     JaxtypingTransformer.visit_ClassDef = unchecked_if_nested(visit_class)
 
 
-if TYPECHECK:
-    import jaxtyping
-
-    _leave_nested_functions_unchecked()
-    # PEP 484's numeric tower (an int where a float is annotated), which beartype checks only when asked
-    jaxtyping.install_import_hook("hooked_vlm", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
-
-# The hook wraps every function, and a wrapped call costs ~50 us however plain its annotations. The bookkeeping that
-# runs once per hook point per forward, annotated with no tensor shape, made up 2/3 of the checked calls (700k of
-# 1.1M in tests/test_patching.py) and half the suite's time: it runs unchecked (`__no_type_check__`, which the wrapper
-# reads on the wrapped function).
+# The hook wraps every module-level function and method, and a wrapped call costs ~50 us however plain its
+# annotations. The bookkeeping that runs once per hook point per forward, annotated with no tensor shape, made up 2/3
+# of the checked calls (700k of 1.1M in tests/test_patching.py): it runs unchecked (`__no_type_check__`, which the
+# wrapper reads on the wrapped function).
 UNCHECKED_HOT_PATH = {
     "hooked_vlm.hooks": ["HookPoint.has_hooks", "HookPoint.forward", "HookPoint._visible", "PerCall._var",
                          "PerCall.__get__", "PerCall.__set__", "HookedRootModule._select"],
@@ -62,9 +56,6 @@ UNCHECKED_HOT_PATH = {
 
 
 def _skip_checks(module_name: str, qualname: str) -> None:
-    import importlib
-    import inspect
-
     owner = importlib.import_module(module_name)
     *outer, name = qualname.split(".")
     for part in outer:
@@ -77,6 +68,11 @@ def _skip_checks(module_name: str, qualname: str) -> None:
 
 
 if TYPECHECK:
+    import jaxtyping
+
+    _leave_nested_functions_unchecked()
+    # PEP 484's numeric tower (an int where a float is annotated), which beartype checks only when asked
+    jaxtyping.install_import_hook("hooked_vlm", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
     for module_name, qualnames in UNCHECKED_HOT_PATH.items():
         for qualname in qualnames:
             _skip_checks(module_name, qualname)
